@@ -1,0 +1,3 @@
+from kbproxy.cli import main
+
+raise SystemExit(main())
