@@ -1,0 +1,150 @@
+"""Client side of the kbdaemon local socket: ask the running daemon for connection info.
+
+How it works: the daemon listens on a Unix socket in the user runtime dir (HTTP/1.1 + JSON). When
+the socket file is absent, ``fetch_connection`` returns None at once (a stat, no import of an
+HTTP stack), so an absent daemon costs microseconds. A present but dead socket (connection
+refused) also gives None. An answer with an error body raises DaemonAnswerError with the
+daemon's machine-readable code (NEEDS_LOGIN, TOKEN_EXPIRED, KEYRING_LOCKED, AUTH_UNREACHABLE).
+
+Protocol, version 1:
+
+- ``GET /v1/health`` -> ``{"status": "ok", "pid": int, "version": str}``
+- ``GET /v1/status`` -> daemon and per-profile status (no token)
+- ``GET /v1/connection?profile=NAME`` -> ``{"profile", "username", "token", "auth_url",
+  "spark_host", "spark_port", "use_ssl", "s3_endpoint", "expires", "stale", "token_source"}``
+  (expires in epoch ms or null; s3_endpoint a URL or null)
+- errors: ``{"error": {"code": "NEEDS_LOGIN", "message": "..."}}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from kbclient._profiles import APP_NAME
+
+SOCKET_NAME = "kbdaemon.sock"
+API_VERSION = "v1"
+
+
+def runtime_dir() -> Path:
+    """The per-user runtime directory of the daemon (socket, pid file)."""
+    return Path(platformdirs.user_runtime_dir(APP_NAME, appauthor=False))
+
+
+def socket_path() -> Path:
+    override = os.environ.get("KBDAEMON_SOCKET")
+    return Path(override) if override else runtime_dir() / SOCKET_NAME
+
+
+class DaemonAnswerError(Exception):
+    """The daemon answered with an error; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DaemonConnection:
+    """What the daemon knows about one profile. The token is masked in repr."""
+
+    profile: str
+    username: str
+    token: str = field(repr=False)
+    auth_url: str
+    spark_host: str
+    spark_port: int
+    use_ssl: bool
+    s3_endpoint: str | None
+    expires: datetime | None
+    stale: bool
+    token_source: str
+
+
+def _http_get_unix(path: Path, target: str, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET over a Unix socket; small and dependency-free to keep import time low."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(
+            f"GET {target} HTTP/1.1\r\nHost: kbdaemon\r\nConnection: close\r\n\r\n".encode("ascii")
+        )
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[1].isdigit():
+        raise OSError("malformed answer from kbdaemon")
+    headers = head.lower()
+    if b"transfer-encoding: chunked" in headers:
+        body = _dechunk(body)
+    return int(status_line[1]), body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)
+
+
+def request(
+    target: str, *, timeout: float = 2.0, path: Path | None = None
+) -> dict[str, Any] | None:
+    """GET a daemon endpoint. None when no daemon listens; raises DaemonAnswerError on errors."""
+    path = path or socket_path()
+    if not path.exists():
+        return None
+    try:
+        status, body = _http_get_unix(path, target, timeout)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    data: dict[str, Any] = json.loads(body or b"{}")
+    if status >= 400:
+        error = data.get("error", {})
+        raise DaemonAnswerError(
+            str(error.get("code", "DAEMON_ERROR")), str(error.get("message", f"HTTP {status}"))
+        )
+    return data
+
+
+def fetch_connection(
+    profile: str | None = None, *, timeout: float = 2.0, path: Path | None = None
+) -> DaemonConnection | None:
+    """Connection info for a profile from the running daemon, or None if none runs."""
+    target = f"/{API_VERSION}/connection" + (f"?profile={profile}" if profile else "")
+    data = request(target, timeout=timeout, path=path)
+    if data is None:
+        return None
+    expires_ms = data.get("expires")
+    return DaemonConnection(
+        profile=data["profile"],
+        username=data["username"],
+        token=data["token"],
+        auth_url=data["auth_url"],
+        spark_host=data["spark_host"],
+        spark_port=int(data["spark_port"]),
+        use_ssl=bool(data["use_ssl"]),
+        s3_endpoint=data.get("s3_endpoint"),
+        expires=(
+            datetime.fromtimestamp(expires_ms / 1000, tz=timezone.utc) if expires_ms else None
+        ),
+        stale=bool(data.get("stale", False)),
+        token_source=str(data.get("token_source", "daemon")),
+    )
