@@ -1,0 +1,1 @@
+"""Repeatable measurements with their baselines, printed as ratios (`make bench`)."""

@@ -1,0 +1,3 @@
+from kbdaemon.cli import main
+
+raise SystemExit(main())
