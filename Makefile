@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint typecheck demo bench clean
+.PHONY: venv system-deps test lint typecheck demo bench clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml server/pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./server -e '.[test]'
 	touch $@
 
-test: $(STAMP)
+system-deps:
+	tools/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -30,7 +33,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(BIN)/python -m demo
 
 bench: $(STAMP)
