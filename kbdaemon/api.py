@@ -1,0 +1,176 @@
+"""The daemon's local API: HTTP + JSON on a Unix socket only the same user can use.
+
+How it works: the socket is bound with a 0177 umask (so it is 0600 from its first moment) inside
+a 0700 directory, and every request is checked against the peer's uid (``SO_PEERCRED`` on Linux,
+``LOCAL_PEERCRED`` on macOS/BSD) before any handler runs; another uid gets 403 PEER_REFUSED and
+the connection is closed. Handlers translate between the wire and a ``Service`` (the daemon):
+
+- ``GET /v1/health``                  -> ``{"status": "ok", "pid", "version"}``
+- ``GET /v1/status``                  -> daemon and per-profile status, never a token
+- ``GET /v1/connection?profile=NAME`` -> connection info with the token (see kbclient._daemon)
+- ``POST /v1/reload?profile=NAME``    -> read the token store again (after login / logout)
+
+Errors are ``{"error": {"code", "message"}}``; codes are those of kbdaemon.errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from kbdaemon.errors import KBDaemonError
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    "NEEDS_LOGIN": 401,
+    "TOKEN_EXPIRED": 401,
+    "UNKNOWN_PROFILE": 404,
+    "PEER_REFUSED": 403,
+    "KEYRING_LOCKED": 503,
+    "KEYRING_UNAVAILABLE": 503,
+    "AUTH_UNREACHABLE": 503,
+}
+
+
+class UnknownProfileError(KBDaemonError):
+    """A request named a profile the config does not know."""
+
+    code = "UNKNOWN_PROFILE"
+
+
+class Service(Protocol):
+    """What the API needs from the daemon."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def connection(self, profile: str | None) -> dict[str, Any]: ...
+
+    async def reload(self, profile: str | None) -> dict[str, Any]: ...
+
+
+SERVICE_KEY = web.AppKey("service", Service)
+
+
+def peer_uid(sock: Any) -> int | None:
+    """The uid of the process at the other end of a Unix socket; None where it cannot be known."""
+    if sys.platform.startswith("linux"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return int(uid)
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        # struct xucred: u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]
+        local_peercred = 0x001
+        creds = sock.getsockopt(0, local_peercred, struct.calcsize("2I"))
+        return int(struct.unpack("2I", creds[: struct.calcsize("2I")])[1])
+    return None
+
+
+def error_response(error: KBDaemonError) -> web.Response:
+    return web.json_response(
+        {"error": {"code": error.code, "message": error.message}},
+        status=HTTP_STATUS.get(error.code, 500),
+    )
+
+
+@web.middleware
+async def same_user_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    uid = peer_uid(sock) if sock is not None and sock.family == socket.AF_UNIX else None
+    if uid is None or uid != os.getuid():
+        log.warning("refused a request on the socket from uid %s", uid)
+        response = web.json_response(
+            {"error": {"code": "PEER_REFUSED", "message": "this socket serves its owner only"}},
+            status=403,
+        )
+        response.force_close()
+        return response
+    return await handler(request)
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except KBDaemonError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        return web.json_response(
+            {"error": {"code": "HTTP_" + str(exc.status), "message": exc.reason}},
+            status=exc.status,
+        )
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response(
+            {"error": {"code": "DAEMON_ERROR", "message": "internal error; see `kbdaemon logs`"}},
+            status=500,
+        )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE_KEY].health())
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[SERVICE_KEY].status())
+
+
+async def connection(request: web.Request) -> web.Response:
+    profile = request.query.get("profile") or None
+    return web.json_response(await request.app[SERVICE_KEY].connection(profile))
+
+
+async def reload(request: web.Request) -> web.Response:
+    profile = request.query.get("profile") or None
+    return web.json_response(await request.app[SERVICE_KEY].reload(profile))
+
+
+def create_app(service: Service) -> web.Application:
+    """The API application (middlewares check the peer first, then translate errors)."""
+    app = web.Application(middlewares=[same_user_only, json_errors])
+    app[SERVICE_KEY] = service
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/connection", connection)
+    app.router.add_post("/v1/reload", reload)
+    return app
+
+
+def bind_unix_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 from the start."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    path.chmod(0o600)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(service: Service, path: Path) -> web.AppRunner:
+    """Start the API on the Unix socket ``path``; the caller owns the runner (``cleanup()``)."""
+    runner = web.AppRunner(create_app(service), access_log=None, handle_signals=False)
+    await runner.setup()
+    sock = bind_unix_socket(path)
+    await web.SockSite(runner, sock).start()
+    return runner
