@@ -10,6 +10,7 @@ Protocol, version 1:
 
 - ``GET /v1/health`` -> ``{"status": "ok", "pid": int, "version": str}``
 - ``GET /v1/status`` -> daemon and per-profile status (no token)
+- ``POST /v1/reload?profile=NAME`` -> read the token store again (after login/logout); status
 - ``GET /v1/connection?profile=NAME`` -> ``{"profile", "username", "token", "auth_url",
   "spark_host", "spark_port", "use_ssl", "s3_endpoint", "expires", "stale", "token_source"}``
   (expires in epoch ms or null; s3_endpoint a URL or null)
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import platformdirs
 
@@ -70,13 +72,14 @@ class DaemonConnection:
     token_source: str
 
 
-def _http_get_unix(path: Path, target: str, timeout: float) -> tuple[int, bytes]:
-    """One HTTP/1.1 GET over a Unix socket; small and dependency-free to keep import time low."""
+def _http_unix(path: Path, method: str, target: str, timeout: float) -> tuple[int, bytes]:
+    """One HTTP/1.1 request over a Unix socket; dependency-free to keep import time low."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
         sock.sendall(
-            f"GET {target} HTTP/1.1\r\nHost: kbdaemon\r\nConnection: close\r\n\r\n".encode("ascii")
+            f"{method} {target} HTTP/1.1\r\nHost: kbdaemon\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n\r\n".encode("ascii")
         )
         chunks = []
         while chunk := sock.recv(65536):
@@ -105,14 +108,18 @@ def _dechunk(body: bytes) -> bytes:
 
 
 def request(
-    target: str, *, timeout: float = 2.0, path: Path | None = None
+    target: str, *, timeout: float = 2.0, path: Path | None = None, method: str = "GET"
 ) -> dict[str, Any] | None:
-    """GET a daemon endpoint. None when no daemon listens; raises DaemonAnswerError on errors."""
+    """Call a daemon endpoint. None when no daemon listens; raises DaemonAnswerError on errors.
+
+    A daemon that accepts the connection but does not answer within ``timeout`` raises
+    ``TimeoutError`` (an OSError), as does a malformed answer (OSError).
+    """
     path = path or socket_path()
     if not path.exists():
         return None
     try:
-        status, body = _http_get_unix(path, target, timeout)
+        status, body = _http_unix(path, method, target, timeout)
     except (ConnectionRefusedError, FileNotFoundError):
         return None
     data: dict[str, Any] = json.loads(body or b"{}")
@@ -128,7 +135,7 @@ def fetch_connection(
     profile: str | None = None, *, timeout: float = 2.0, path: Path | None = None
 ) -> DaemonConnection | None:
     """Connection info for a profile from the running daemon, or None if none runs."""
-    target = f"/{API_VERSION}/connection" + (f"?profile={profile}" if profile else "")
+    target = f"/{API_VERSION}/connection" + (f"?profile={quote(profile)}" if profile else "")
     data = request(target, timeout=timeout, path=path)
     if data is None:
         return None
