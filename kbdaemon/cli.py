@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kbdaemon import __version__, s3cli
+from kbdaemon import __version__, autostart, s3cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kbdaemon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s3cli.register(sub)
+    autostart.register(sub)
     return parser
 
 
