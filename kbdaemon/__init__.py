@@ -4,4 +4,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from kbdaemon.s3proxy import S3Proxy, S3ProxyError  # noqa: E402 - after __version__, used by cli
+
+__all__ = ["S3Proxy", "S3ProxyError", "__version__"]
