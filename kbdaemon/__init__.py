@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from kbdaemon.s3proxy import S3Proxy, S3ProxyError  # noqa: E402 - after __version__, used by cli
+# After __version__: kbdaemon.cli imports it from here.
+from kbdaemon.s3proxy import S3Proxy, S3ProxyError
 
 __all__ = ["S3Proxy", "S3ProxyError", "__version__"]
