@@ -43,6 +43,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by aiohttp itself for the hop it makes; a client's value would be wrong or duplicated.
+# Content-Length goes upstream as the client sent it (S3 refuses a chunked PUT without one).
 _SET_BY_TRANSPORT = frozenset({"host", "content-length"})
 _SAFE_ON_FOLLOW = frozenset(
     {"range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range"}
@@ -71,9 +72,10 @@ def _getall(headers: Headers, name: str) -> list[str]:
 def upstream_headers(client_headers: Headers) -> CIMultiDict[str]:
     """Headers of the request to the upstream: the client's, less hop-by-hop ones and Host.
 
+    Expect is dropped too: the proxy's own server already answered ``100 Continue``.
     This is the seam for re-signing: today Authorization goes through as the client made it.
     """
-    drop = _hop_by_hop(client_headers) | _SET_BY_TRANSPORT
+    drop = _hop_by_hop(client_headers) | {"host", "expect"}
     return CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in drop)
 
 

@@ -41,7 +41,6 @@ _CHUNK = 256 * 1024
 _READ_BUFSIZE = 256 * 1024
 _SMALL_BODY = 64 * 1024
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
-_NO_FORWARD = frozenset({"expect"})
 
 
 class S3ProxyError(KBDaemonError):
@@ -255,8 +254,6 @@ class S3Proxy:
         assert self._session is not None
         method = request.method
         headers = rd.upstream_headers(request.headers)
-        for name in _NO_FORWARD:
-            headers.popall(name, None)
         visited = [url]
         response = await self._send(method, url, headers, request.content if has_body else None)
         while True:
