@@ -1,6 +1,9 @@
 """Command line of kbproxy: `kbproxy serve` and `kbproxy dev-auth`.
 
 One small function per subcommand; parsing and printing only, the logic lives in the modules.
+Every flag of `serve` can also be given as an environment variable ``KBPROXY_<NAME>`` (the flag's
+name in upper case, dashes as underscores: ``--auth-url`` is ``KBPROXY_AUTH_URL``); a flag on the
+command line wins over its variable.
 """
 
 from __future__ import annotations
@@ -9,11 +12,17 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from kbproxy import __version__, devauth
+from kbproxy.errors import ConfigError
+from kbproxy.logs import configure_logging
+from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
+from kbproxy.server import MIB, Settings, serve
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
@@ -69,19 +78,355 @@ def cmd_dev_auth(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(value: str) -> int:
+    """Bytes, optionally with a KiB/MiB/GiB suffix."""
+    text = value.strip()
+    for suffix, factor in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", 1024), ("B", 1)):
+        if text.endswith(suffix):
+            text, scale = text[: -len(suffix)].strip(), factor
+            break
+    else:
+        scale = 1
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 268435456 or 256MiB, got {value!r}"
+        )
+    return int(text) * scale
+
+
+def parse_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {value!r}")
+    return seconds
+
+
+def parse_count(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def parse_bool(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def parse_optional_host_port(value: str) -> tuple[str, int] | None:
+    return None if value.strip().lower() in ("", "off", "none") else parse_host_port(value)
+
+
+def parse_users(value: str) -> frozenset[str]:
+    return frozenset(u.strip() for u in value.split(",") if u.strip())
+
+
+def env_name(flag: str) -> str:
+    return "KBPROXY_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+class _EnvArgs:
+    """Adds flags whose default comes from ``KBPROXY_<NAME>``, parsed like the flag itself."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.env_errors: list[str] = []
+
+    def add(
+        self, flag: str, *, type: Any, default: Any, help: str, metavar: str | None = None
+    ) -> None:
+        var = env_name(flag)
+        raw = os.environ.get(var)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except argparse.ArgumentTypeError as exc:
+                self.env_errors.append(f"{var}: {exc}")
+        shown = "%(default)s" if not isinstance(default, frozenset) else ",".join(sorted(default))
+        self.parser.add_argument(
+            flag,
+            type=type,
+            default=default,
+            metavar=metavar,
+            help=f"{help} [env {var}; default {shown or 'none'}]",
+        )
+
+    def add_switch(self, flag: str, *, default: bool, help: str) -> None:
+        var = env_name(flag)
+        raw = os.environ.get(var)
+        if raw is not None:
+            try:
+                default = parse_bool(raw)
+            except argparse.ArgumentTypeError as exc:
+                self.env_errors.append(f"{var}: {exc}")
+        self.parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=f"{help} [env {var}=true|false; default %(default)s]",
+        )
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> _EnvArgs:
+    p = sub.add_parser(
+        "serve",
+        help="run the Spark Connect proxy",
+        description=(
+            "Relay Spark Connect calls to each user's own server: every call is authenticated "
+            "with the user's KBase token (metadata x-kbase-token, or authorization: Bearer) "
+            "and routed by the validated username. Each flag can also be set with the "
+            "environment variable shown in brackets."
+        ),
+    )
+    e = _EnvArgs(p)
+    e.add(
+        "--listen",
+        type=parse_host_port,
+        default=("0.0.0.0", 15002),
+        metavar="HOST:PORT",
+        help="gRPC address to listen on",
+    )
+    e.add(
+        "--auth-url",
+        type=str,
+        default="https://kbase.us/services/auth/",
+        metavar="URL",
+        help="KBase Auth2 root URL",
+    )
+    e.add(
+        "--backend-template",
+        type=str,
+        default=DEFAULT_TEMPLATE,
+        metavar="TEMPLATE",
+        help="backend address of a user; {username} is the sanitized username "
+        "(lower case, [^a-z0-9.-] -> '-', at most 63 characters), {namespace} the namespace",
+    )
+    e.add(
+        "--namespace",
+        type=str,
+        default="default",
+        metavar="NAME",
+        help="value of {namespace} in the backend template",
+    )
+    e.add(
+        "--backend-map",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help='JSON file {"username": "host:port"} pinning users to backends; consulted '
+        "before the template",
+    )
+    e.add(
+        "--stats-listen",
+        type=parse_optional_host_port,
+        default=("0.0.0.0", 9090),
+        metavar="HOST:PORT",
+        help="HTTP address of /healthz, /readyz, /stats and /metrics ('off' disables)",
+    )
+    e.add_switch(
+        "--require-mfa",
+        default=True,
+        help="refuse tokens created without multi-factor authentication",
+    )
+    e.add(
+        "--mfa-exempt",
+        type=parse_users,
+        default=frozenset(),
+        metavar="USER,...",
+        help="users whose tokens need no MFA",
+    )
+    e.add(
+        "--auth-timeout",
+        type=parse_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="time allowed to an Auth2 request; slower means UNAVAILABLE",
+    )
+    e.add(
+        "--auth-cache-size",
+        type=parse_count,
+        default=10_000,
+        metavar="N",
+        help="tokens kept in the validation cache (as hashes)",
+    )
+    e.add(
+        "--auth-cache-ttl",
+        type=parse_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="longest time a validation is cached (also bounded by Auth2's cachefor and the "
+        "token's expiry)",
+    )
+    e.add(
+        "--auth-negative-ttl",
+        type=parse_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="time a rejected token is remembered as rejected",
+    )
+    e.add(
+        "--pool-size",
+        type=parse_count,
+        default=256,
+        metavar="N",
+        help="backend channels kept open (least recently used idle ones are closed beyond it)",
+    )
+    e.add(
+        "--pool-idle-timeout",
+        type=parse_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="a backend channel without calls for this long is closed",
+    )
+    e.add(
+        "--connect-timeout",
+        type=parse_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="time allowed to connect to a user's server before UNAVAILABLE",
+    )
+    e.add(
+        "--backend-keepalive",
+        type=parse_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="keepalive ping interval on backend connections with calls (Spark Connect "
+        "servers refuse pings more frequent than every 5 minutes by default)",
+    )
+    e.add(
+        "--max-message-size",
+        type=parse_size,
+        default=256 * MIB,
+        metavar="BYTES",
+        help="largest gRPC message, both directions and both hops (suffixes KiB, MiB, GiB)",
+    )
+    e.add(
+        "--session-ttl",
+        type=parse_seconds,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a session id routes token-less FetchErrorDetails calls (pyspark 4.0)",
+    )
+    e.add(
+        "--session-max",
+        type=parse_count,
+        default=100_000,
+        metavar="N",
+        help="session ids remembered at most",
+    )
+    e.add(
+        "--drain-grace",
+        type=parse_seconds,
+        default=25.0,
+        metavar="SECONDS",
+        help="on SIGTERM, time running calls get to finish",
+    )
+    e.add(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="PEM certificate chain, to serve TLS without an ingress (with --tls-key)",
+    )
+    e.add("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
+    e.add(
+        "--log-format",
+        type=_log_format,
+        default="text",
+        metavar="text|json",
+        help="log lines as text or as JSON objects",
+    )
+    e.add(
+        "--log-level",
+        type=_log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING or ERROR",
+    )
+    p.set_defaults(func=cmd_serve)
+    return e
+
+
+def _log_format(value: str) -> str:
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"expected text or json, got {value!r}")
+    return value
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
+    return value.upper()
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings of `kbproxy serve`; raises ConfigError for a bad backend map."""
+    backend_map = load_backend_map(args.backend_map) if args.backend_map else None
+    return Settings(
+        listen=args.listen,
+        auth_url=args.auth_url,
+        backend_template=args.backend_template,
+        namespace=args.namespace,
+        backend_map=backend_map,
+        stats_listen=args.stats_listen,
+        require_mfa=args.require_mfa,
+        mfa_exempt=args.mfa_exempt,
+        auth_timeout=args.auth_timeout,
+        auth_cache_size=args.auth_cache_size,
+        auth_cache_ttl=args.auth_cache_ttl,
+        auth_negative_ttl=args.auth_negative_ttl,
+        pool_size=args.pool_size,
+        pool_idle_timeout=args.pool_idle_timeout,
+        connect_timeout=args.connect_timeout,
+        backend_keepalive=args.backend_keepalive,
+        max_message_size=args.max_message_size,
+        session_ttl=args.session_ttl,
+        session_max=args.session_max,
+        drain_grace=args.drain_grace,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format, getattr(logging, args.log_level))
+    try:
+        settings = settings_from_args(args)
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"kbproxy serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kbproxy", description="Spark Connect gRPC proxy for KBase users"
     )
     parser.add_argument("--version", action="version", version=f"kbproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve_env = _add_serve(sub)
     _add_dev_auth(sub)
+    parser.set_defaults(env_errors=serve_env.env_errors)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command == "serve" and args.env_errors:
+        parser.error("bad environment variable(s): " + "; ".join(args.env_errors))
+    if args.command != "serve":
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
     result: int = args.func(args)
     return result
