@@ -28,6 +28,8 @@ from typing import Any
 
 import platformdirs
 
+from kbclient._errors import KBaseError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -40,7 +42,7 @@ DEFAULT_SPARK_HOST = "spark.berdl.kbase.us"
 DEFAULT_SPARK_PORT = 443
 
 
-class ProfileError(ValueError):
+class ProfileError(KBaseError, ValueError):
     """An unknown profile or a malformed config file; the message says which and where."""
 
 

@@ -1,0 +1,233 @@
+"""Connection info: which server, which user, which token, and the Spark Connect URL.
+
+How it works: ``resolve_connection`` reads the profile (config file, once per call), finds the
+token (``_tokens``), takes the remaining settings in one documented order, resolves the
+username through KBase Auth2 (cached) and builds the URL. Each setting is taken from the first
+of these that has it:
+
+- profile: the ``profile`` argument; ``default_profile`` of the config file; ``prod``.
+- auth URL: the ``auth_url`` argument; ``KBASE_AUTH_URL``; the daemon's answer (only when the
+  token came from the daemon); the profile.
+- host, port, use_ssl: the argument (when not None); the daemon's answer (only when the token
+  came from the daemon); the profile (prod: ``spark.berdl.kbase.us``, 443, TLS).
+
+When the daemon gave the token and its answer is fresh (not ``stale``) for the same auth URL,
+its username and expiry are used as they are: the daemon validated the token with Auth2 on
+Auth2's schedule. Otherwise the token is checked with Auth2 here, so a bad token fails now with
+Auth2's reason rather than later as a gRPC error.
+
+URL: ``sc://{host}:{port}/;use_ssl=true|false;x-kbase-token=<quoted token>;user_id=<user>``.
+The token travels as gRPC metadata ``x-kbase-token``; ``token=`` is never used (it would force
+TLS and send ``authorization: Bearer``). ``host`` may contain ``{username}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import quote
+
+from kbclient._auth2 import TokenCache, format_date, normalize_auth_url
+from kbclient._authclient import SyncKBaseAuthClient
+from kbclient._daemon import DaemonAnswerError, fetch_connection
+from kbclient._errors import AuthUnavailableError, KBaseError
+from kbclient._profiles import load_config
+from kbclient._tokens import SOURCE_DAEMON, find_token
+
+log = logging.getLogger(__name__)
+
+AUTH_URL_ENV = "KBASE_AUTH_URL"
+_TOKEN_PARAM = re.compile(r"(x-kbase-token=)[^;]*")
+
+_cache = TokenCache()
+_clients: dict[str, SyncKBaseAuthClient] = {}
+_clients_lock = threading.Lock()
+
+
+def shared_auth_client(auth_url: str) -> SyncKBaseAuthClient:
+    """One pooled blocking client per auth URL for the process, over one shared cache."""
+    auth_url = normalize_auth_url(auth_url)
+    with _clients_lock:
+        client = _clients.get(auth_url)
+        if client is None:
+            client = _clients[auth_url] = SyncKBaseAuthClient(auth_url, cache=_cache)
+        return client
+
+
+def clear_auth_cache() -> None:
+    """Forget every cached Auth2 answer of the shared clients (for tests and benchmarks)."""
+    _cache.clear()
+
+
+def mask_url(url: str) -> str:
+    """The URL with the token replaced by ``***``."""
+    return _TOKEN_PARAM.sub(r"\1***", url)
+
+
+def spark_url(*, host: str, port: int, use_ssl: bool, token: str, username: str) -> str:
+    """The Spark Connect URL for the KBase proxy."""
+    host = host.replace("{username}", username)
+    return (
+        f"sc://{host}:{port}/;use_ssl={'true' if use_ssl else 'false'};"
+        f"x-kbase-token={quote(token, safe='')};user_id={quote(username, safe='')}"
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class ConnectionInfo:
+    """Everything needed to reach the user's Spark server. The token is masked in repr and str.
+
+    Attributes:
+        profile: the profile name (prod, ci, appdev or one of the config file).
+        username: the KBase user the token belongs to.
+        spark_url: the Spark Connect URL, token included (``masked_url`` is safe to show).
+        host, port, use_ssl: where the Spark Connect proxy listens.
+        auth_url: the KBase Auth2 service.
+        token_expires: when the token expires, if known.
+        token_source: argument, KBASE_AUTH_TOKEN, KB_AUTH_TOKEN, kbdaemon or keyring.
+        s3_endpoint: the daemon's local S3 proxy, when it runs one.
+        mfa: Auth2's ``mfa`` value of the token (Used, NotUsed, Unknown), when checked here.
+    """
+
+    profile: str
+    username: str
+    spark_url: str = field(compare=False)
+    host: str
+    port: int
+    use_ssl: bool
+    auth_url: str
+    token_expires: datetime | None
+    token_source: str
+    s3_endpoint: str | None = None
+    mfa: str | None = None
+    token: str = field(default="", compare=False)
+
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.spark_url)
+
+    @property
+    def target(self) -> str:
+        return f"{self.host.replace('{username}', self.username)}:{self.port}"
+
+    def __repr__(self) -> str:
+        return (
+            f"ConnectionInfo(profile={self.profile!r}, username={self.username!r}, "
+            f"spark_url={self.masked_url!r}, auth_url={self.auth_url!r}, "
+            f"token_expires={self.token_expires!r}, token_source={self.token_source!r}, "
+            f"s3_endpoint={self.s3_endpoint!r}, mfa={self.mfa!r})"
+        )
+
+    def __str__(self) -> str:
+        expires = format_date(self.token_expires) if self.token_expires else "unknown"
+        rows = [
+            ("profile", self.profile),
+            ("user", self.username),
+            ("spark url", self.masked_url),
+            ("auth url", self.auth_url),
+            ("token from", self.token_source),
+            ("token expires", expires),
+            ("token MFA", self.mfa or "unknown"),
+            ("s3 endpoint", self.s3_endpoint or "none (kbdaemon runs no S3 proxy)"),
+        ]
+        return "\n".join(f"{name + ':':15}{value}" for name, value in rows)
+
+
+def resolve_connection(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    auth_url: str | None = None,
+    use_ssl: bool | None = None,
+    profile: str | None = None,
+) -> ConnectionInfo:
+    """Find the token, resolve the user and build the URL (see the module docstring).
+
+    Raises:
+        NoTokenError, InvalidTokenError, TokenExpiredError, AuthUnavailableError, ProfileError.
+    """
+    config = load_config()
+    prof = config.profile(profile)
+    found = find_token(token, prof.name)
+    daemon = found.daemon
+    final_auth = normalize_auth_url(
+        auth_url
+        or os.environ.get(AUTH_URL_ENV, "").strip()
+        or (daemon.auth_url if daemon else "")
+        or prof.auth_url
+    )
+    final_host = host or (daemon.spark_host if daemon else prof.spark_host)
+    final_port = port if port is not None else (daemon.spark_port if daemon else prof.spark_port)
+    final_ssl = use_ssl if use_ssl is not None else (daemon.use_ssl if daemon else prof.use_ssl)
+
+    daemon_fits = daemon is not None and normalize_auth_url(daemon.auth_url) == final_auth
+    mfa: str | None = None
+    if daemon is not None and daemon_fits and not daemon.stale:
+        username, expires = daemon.username, daemon.expires
+    else:
+        try:
+            info = shared_auth_client(final_auth).token_info(found.token)
+        except AuthUnavailableError as exc:
+            if daemon is None or not daemon_fits:
+                exc.add_context(f"checking {describe_source(found.source)}")
+                raise
+            log.warning("%s; using the last answer kbdaemon had", exc)
+            username, expires = daemon.username, daemon.expires
+        except KBaseError as exc:
+            exc.add_context(describe_source(found.source))
+            raise
+        else:
+            username, expires, mfa = info.user, info.expires, info.mfa
+    return ConnectionInfo(
+        profile=prof.name,
+        username=username,
+        spark_url=spark_url(
+            host=final_host,
+            port=final_port,
+            use_ssl=final_ssl,
+            token=found.token,
+            username=username,
+        ),
+        host=final_host,
+        port=final_port,
+        use_ssl=final_ssl,
+        auth_url=final_auth,
+        token_expires=expires,
+        token_source=found.source if found.source != SOURCE_DAEMON else _daemon_label(found),
+        s3_endpoint=daemon.s3_endpoint if daemon else None,
+        mfa=mfa,
+        token=found.token,
+    )
+
+
+def describe_source(source: str) -> str:
+    """A phrase naming where a token came from, for messages."""
+    if source == "argument":
+        return "the token given as argument"
+    if source.startswith(SOURCE_DAEMON):
+        return "the token from kbdaemon"
+    if source == "keyring":
+        return "the token in the OS keyring"
+    return f"the token in {source}"
+
+
+def _daemon_label(found: object) -> str:
+    daemon = getattr(found, "daemon", None)
+    inner = getattr(daemon, "token_source", "")
+    return f"{SOURCE_DAEMON} ({inner})" if inner and inner != SOURCE_DAEMON else SOURCE_DAEMON
+
+
+def daemon_s3_endpoint(profile: str, username: str) -> str | None:
+    """The daemon's S3 endpoint for a profile of the same user, if a daemon runs one."""
+    try:
+        answer = fetch_connection(profile, timeout=1.0)
+    except (DaemonAnswerError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if answer is None or answer.username != username:
+        return None
+    return answer.s3_endpoint

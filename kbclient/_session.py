@@ -1,0 +1,215 @@
+"""``create_spark_session()``: a ready Spark Connect session to the user's own server.
+
+How it works::
+
+    resolve_connection()          token, user (Auth2, cached), URL      -> kbclient errors
+    SparkSession.builder.remote(url).create()   always a new session, never getOrCreate
+    wait until ready              one cheap RPC (spark.version), pyspark retries off;
+                                  a starting server (UNAVAILABLE from the proxy) is retried
+                                  for at most ``wait_for_server`` seconds, each wait logged
+                                  at WARNING so it shows in a notebook
+    apply app_name, spark_config  then pyspark's own retry policy is put back
+
+gRPC failures of that first RPC are translated by ``_grpcerrors`` (the one boundary); later
+errors of the session's queries are pyspark's own. ``spark.stop()`` releases the server-side
+session. Nothing here runs an event loop: the blocking API is safe inside Jupyter's running
+loop, and ``acreate_spark_session`` runs the same steps in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kbclient._connection import ConnectionInfo, daemon_s3_endpoint, resolve_connection
+from kbclient._grpcerrors import scrub, translate
+
+if TYPE_CHECKING:
+    from pyspark.sql.connect.session import SparkSession
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WAIT_FOR_SERVER = 120.0
+_FIRST_DELAY = 0.5
+_MAX_DELAY = 5.0
+
+
+def get_connection_info(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    auth_url: str | None = None,
+    use_ssl: bool | None = None,
+    profile: str | None = None,
+) -> ConnectionInfo:
+    """Where ``create_spark_session`` would connect, as whom, with which token (masked).
+
+    Arguments as for ``create_spark_session``. Contacts Auth2 (cached) and the local daemon,
+    not the Spark server.
+
+    Raises:
+        KBaseError: NoTokenError, InvalidTokenError, AuthUnavailableError, ProfileError, ...
+    """
+    info = resolve_connection(
+        host=host, port=port, token=token, auth_url=auth_url, use_ssl=use_ssl, profile=profile
+    )
+    if info.s3_endpoint is None:
+        endpoint = daemon_s3_endpoint(info.profile, info.username)
+        if endpoint is not None:
+            info = _with_s3(info, endpoint)
+    return info
+
+
+def _with_s3(info: ConnectionInfo, endpoint: str) -> ConnectionInfo:
+    from dataclasses import replace
+
+    return replace(info, s3_endpoint=endpoint)
+
+
+def create_spark_session(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    auth_url: str | None = None,
+    use_ssl: bool | None = None,
+    app_name: str | None = None,
+    spark_config: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+    wait_for_server: float = DEFAULT_WAIT_FOR_SERVER,
+) -> SparkSession:
+    """A new, ready Spark Connect session to your own Spark server.
+
+    With no arguments: the token from the first of the ``token`` argument, KBASE_AUTH_TOKEN,
+    KB_AUTH_TOKEN, the running kbdaemon and the OS keyring; the server of the profile
+    (prod: ``spark.berdl.kbase.us:443`` with TLS, auth ``https://kbase.us/services/auth/``).
+
+    Args:
+        host: the Spark Connect proxy host (may contain ``{username}``); None: the profile's.
+        port: its port; None: the profile's (443).
+        token: a KBase token; None: discovered as above.
+        auth_url: KBase Auth2; None: KBASE_AUTH_URL, else the daemon's or the profile's.
+        use_ssl: TLS to the proxy; None: the profile's (True).
+        app_name: sets ``spark.app.name`` of the session.
+        spark_config: runtime Spark SQL settings for the session.
+        profile: prod, ci, appdev or a profile of the config file; None: the default one.
+        wait_for_server: seconds to wait for a server that is starting (0: do not wait).
+
+    Returns:
+        A new ``pyspark.sql.connect.session.SparkSession``; ``spark.stop()`` releases it.
+
+    Raises:
+        NoTokenError: no token anywhere.
+        InvalidTokenError, TokenExpiredError, MFARequiredError: the token is refused.
+        AuthUnavailableError: KBase Auth2 cannot be reached.
+        SparkServerUnavailableError: the proxy or your Spark server is not reachable.
+        KeyringError, ProfileError: see their messages.
+    """
+    info = resolve_connection(
+        host=host, port=port, token=token, auth_url=auth_url, use_ssl=use_ssl, profile=profile
+    )
+    return build_session(
+        info, app_name=app_name, spark_config=spark_config, wait_for_server=wait_for_server
+    )
+
+
+async def acreate_spark_session(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    token: str | None = None,
+    auth_url: str | None = None,
+    use_ssl: bool | None = None,
+    app_name: str | None = None,
+    spark_config: Mapping[str, Any] | None = None,
+    profile: str | None = None,
+    wait_for_server: float = DEFAULT_WAIT_FOR_SERVER,
+) -> SparkSession:
+    """``create_spark_session`` for async code: the blocking steps run in a worker thread."""
+    import asyncio
+
+    return await asyncio.to_thread(
+        create_spark_session,
+        host=host,
+        port=port,
+        token=token,
+        auth_url=auth_url,
+        use_ssl=use_ssl,
+        app_name=app_name,
+        spark_config=spark_config,
+        profile=profile,
+        wait_for_server=wait_for_server,
+    )
+
+
+def build_session(
+    info: ConnectionInfo,
+    *,
+    app_name: str | None = None,
+    spark_config: Mapping[str, Any] | None = None,
+    wait_for_server: float = DEFAULT_WAIT_FOR_SERVER,
+) -> SparkSession:
+    """A new session for ``info``, ready (one RPC answered) and configured."""
+    from pyspark.sql.connect.session import SparkSession
+
+    spark = SparkSession.builder.remote(info.spark_url).create()
+    try:
+        client = spark.client
+        policies = client.get_retry_policies()
+        client.set_retry_policies([])
+        try:
+            _wait_until_ready(spark, info, wait_for_server)
+        except BaseException:
+            spark.release_session_on_close = False  # never reached: nothing to release
+            raise
+        finally:
+            client.set_retry_policies(policies)
+        settings = dict(spark_config or {})
+        if app_name is not None:
+            settings["spark.app.name"] = app_name
+        for key, value in settings.items():
+            spark.conf.set(key, value)
+    except BaseException:
+        spark.stop()
+        raise
+    log.info("Spark Connect session %s for %s at %s", spark.session_id, info.username, info.target)
+    return spark
+
+
+def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server: float) -> None:
+    started = time.monotonic()
+    deadline = started + max(0.0, wait_for_server)
+    delay = _FIRST_DELAY
+    while True:
+        try:
+            spark.version  # noqa: B018 - the first RPC: AnalyzePlan(SparkVersion)
+            return
+        except Exception as exc:
+            translated = translate(
+                exc,
+                target=info.target,
+                username=info.username,
+                token=info.token,
+                use_ssl=info.use_ssl,
+            )
+            if translated is None:
+                raise
+            remaining = deadline - time.monotonic()
+            if not translated.waitable or remaining <= 0:
+                if translated.waitable and wait_for_server > 0:
+                    translated.error.add_context(
+                        f"gave up after waiting {time.monotonic() - started:.0f} s"
+                    )
+                raise translated.error from None
+            pause = min(delay, remaining)
+            log.warning(
+                "Your Spark server is not ready (%s); retrying in %.1f s, for at most %.0f s more",
+                scrub(str(translated.error), info.token)[:300],
+                pause,
+                remaining,
+            )
+            time.sleep(pause)
+            delay = min(delay * 2, _MAX_DELAY)
