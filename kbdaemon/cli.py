@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kbdaemon import __version__, autostart, s3cli
+from kbdaemon import __version__, autostart, doctor, logincli, runcli, s3cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kbdaemon {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logincli.register(sub)
+    runcli.register(sub)
+    doctor.register(sub)
     s3cli.register(sub)
     autostart.register(sub)
     return parser

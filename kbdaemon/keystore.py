@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from kbclient import KEYRING_SERVICE
 from kbdaemon.errors import KeyringLockedError, KeystoreError
 
 log = logging.getLogger(__name__)
 
-KEYRING_SERVICE = "kbase-spark-connect"
 KEYRING_TIMEOUT = 3.0
 
 T = TypeVar("T")
@@ -159,6 +159,8 @@ class KeyringStore:
         import keyring.errors
 
         def delete() -> bool:
+            if keyring.get_password(self.service, profile) is None:
+                return False
             try:
                 keyring.delete_password(self.service, profile)
             except keyring.errors.PasswordDeleteError:

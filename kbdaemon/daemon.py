@@ -1,0 +1,315 @@
+"""The daemon's service: tokens per profile, their checks with Auth2, the S3 proxies, the API.
+
+How it works: ``Daemon`` owns a ``DaemonState`` (state.py) and does the I/O the state asks for:
+reading the token store (off the event loop, with the keystore's timeout), asking Auth2 about a
+token (kbclient's ``KBaseAuthClient``), showing desktop notifications. ``run()`` sleeps until the
+state's next wake-up time or until a request changes something (a reload after login or logout);
+there is no polling loop, so an idle daemon costs nothing. Each profile with an ``s3_upstream``
+gets its own local S3 proxy. The socket API (api.py) calls ``health``/``status``/``connection``/
+``reload``; process concerns (pid file, socket, signals, logs) live in process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from kbclient import AuthError, KBaseAuthClient, KBaseError
+from kbclient._profiles import Config, Profile, ProfileError
+from kbdaemon import __version__
+from kbdaemon.api import UnknownProfileError
+from kbdaemon.errors import KeystoreError
+from kbdaemon.keystore import Keystore
+from kbdaemon.s3proxy import S3Proxy
+from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
+
+log = logging.getLogger(__name__)
+
+RELOAD_ON_REQUEST_EVERY = 10.0
+RECHECK_MARGIN = 1.0  # the auth client's cache entry must be gone when we ask again
+
+
+class TokenChecker(Protocol):
+    """Asks Auth2 about a token. Raises kbclient's AuthError (refused) or another KBaseError."""
+
+    async def token_info(self, auth_url: str, token: str) -> TokenFacts: ...
+
+    async def aclose(self) -> None: ...
+
+
+class KBaseChecker:
+    """kbclient's async Auth2 client, one per auth URL."""
+
+    def __init__(self, *, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self._clients: dict[str, KBaseAuthClient] = {}
+
+    async def token_info(self, auth_url: str, token: str) -> TokenFacts:
+        client = self._clients.get(auth_url)
+        if client is None:
+            client = self._clients[auth_url] = KBaseAuthClient(auth_url, timeout=self.timeout)
+        return await client.token_info(token)
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+
+class Daemon:
+    """Serves connection info for every profile that has a token, and runs the S3 proxies.
+
+    Args:
+        config: the profiles (kbclient's config file, read once at start).
+        keystore: where tokens are read from.
+        checker: asks Auth2 about tokens.
+        clock: wall-clock seconds (``time.time``), replaceable in tests.
+        notify: shows a desktop notification (title, text); best effort.
+        on_secret: called with each token the daemon holds, so log filters can mask it.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        keystore: Keystore,
+        checker: TokenChecker,
+        clock: Callable[[], float] = time.time,
+        notify: Callable[[str, str], None] | None = None,
+        on_secret: Callable[[str], None] = lambda _token: None,
+        socket_path: str = "",
+    ) -> None:
+        self.config = config
+        self.keystore = keystore
+        self.checker = checker
+        self.clock = clock
+        self.notify = notify or desktop_notify
+        self.on_secret = on_secret
+        self.socket_path = socket_path
+        self.state = DaemonState()
+        self.proxies: dict[str, S3Proxy] = {}
+        self.started = clock()
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last_reload: dict[str, float] = {}
+
+    # lifecycle --------------------------------------------------------------------------------
+
+    def profiles_served(self) -> list[Profile]:
+        return list(self.config.profiles.values())
+
+    async def start(self) -> None:
+        """Read every profile's token, check them, start the S3 proxies. Raises S3ProxyError."""
+        for profile in self.profiles_served():
+            self.state.profile(profile.name)
+        await asyncio.gather(*(self._load(p.name) for p in self.profiles_served()))
+        await self._check_due()
+        try:
+            for profile in self.profiles_served():
+                if profile.s3_upstream:
+                    proxy = S3Proxy(upstream=profile.s3_upstream, port=profile.s3_port)
+                    await proxy.start()
+                    self.proxies[profile.name] = proxy
+        except BaseException:
+            await self.close()
+            raise
+
+    async def run(self) -> None:
+        """Check tokens when they are due until ``stop()``; sleeps in between, never polls."""
+        while not self._stopping:
+            await self._check_due()
+            wake = self.state.next_wake()
+            timeout = None if wake is None else min(max(wake - self.clock(), 0.0), 3600.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            self._changed.clear()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._changed.set()
+
+    async def close(self) -> None:
+        for proxy in self.proxies.values():
+            await proxy.close()
+        self.proxies.clear()
+        await self.checker.aclose()
+
+    # token handling ---------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _load(self, name: str) -> None:
+        state = self.state.profile(name)
+        self._last_reload[name] = self.clock()
+        try:
+            found = await asyncio.to_thread(self.keystore.lookup, name)
+        except KeystoreError as exc:
+            log.warning("profile %s: cannot read the token: %s", name, exc.message)
+            state.store_failed(exc, now=self.clock())
+            return
+        if found is None:
+            if state.token is not None:
+                log.info("profile %s: the token was removed (logout)", name)
+            state.token_missing()
+            return
+        self.on_secret(found.token)
+        state.token_loaded(found.token, kind=found.kind, where=found.where, now=self.clock())
+
+    async def _validate(self, state: ProfileState) -> None:
+        token = state.token
+        if token is None:
+            await self._load(state.name)
+            if state.token is None:
+                return
+            token = state.token
+        auth_url = self.config.profiles[state.name].auth_url
+        try:
+            facts = await self.checker.token_info(auth_url, token)
+        except AuthError as exc:
+            if state.token == token:
+                state.rejected(str(exc), now=self.clock())
+                log.warning("profile %s: Auth2 refused the token: %s", state.name, exc)
+            return
+        except (KBaseError, OSError) as exc:
+            if state.token == token:
+                state.unreachable(str(exc), now=self.clock())
+                log.warning(
+                    "profile %s: %s; serving the last known info%s",
+                    state.name,
+                    exc,
+                    " (stale)" if state.status is Status.STALE else "",
+                )
+            return
+        if state.token != token:
+            return
+        was_ok = state.status is Status.VALID
+        state.accepted(facts, now=self.clock())
+        if state.wake_at is not None:
+            state.wake_at += RECHECK_MARGIN
+        if not was_ok:
+            log.info("profile %s: token of %s confirmed by Auth2", state.name, state.user)
+        note = state.take_notification(self.clock())
+        if note:
+            log.warning("%s", note)
+            self.notify("KBase token expires soon", note)
+
+    async def _check(self, state: ProfileState) -> None:
+        async with self._lock(state.name):
+            if state.due(self.clock()):
+                await self._validate(state)
+
+    async def _check_due(self) -> None:
+        due = self.state.due(self.clock())
+        if due:
+            await asyncio.gather(*(self._check(p) for p in due))
+
+    def _profile(self, name: str | None) -> Profile:
+        try:
+            return self.config.profile(name)
+        except ProfileError as exc:
+            raise UnknownProfileError(str(exc)) from None
+
+    # the API's service ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "pid": os.getpid(), "version": __version__}
+
+    async def connection(self, profile_name: str | None) -> dict[str, Any]:
+        profile = self._profile(profile_name)
+        state = self.state.profile(profile.name)
+        now = self.clock()
+        async with self._lock(profile.name):
+            recent = now - self._last_reload.get(profile.name, 0.0) < RELOAD_ON_REQUEST_EVERY
+            if state.needs_reload() and not recent:
+                await self._load(profile.name)
+            if state.status is Status.UNCHECKED or (
+                state.status is Status.UNREACHABLE and state.due(now)
+            ):
+                await self._validate(state)
+        self._changed.set()
+        answer = state.answer(now=self.clock())
+        proxy = self.proxies.get(profile.name)
+        return {
+            "profile": profile.name,
+            "username": answer.username,
+            "token": answer.token,
+            "auth_url": profile.auth_url,
+            "spark_host": profile.spark_host,
+            "spark_port": profile.spark_port,
+            "use_ssl": profile.use_ssl,
+            "s3_endpoint": proxy.endpoint if proxy else None,
+            "expires": int(answer.expires * 1000) if answer.expires is not None else None,
+            "stale": answer.stale,
+            "token_source": answer.token_source,
+        }
+
+    async def reload(self, profile_name: str | None) -> dict[str, Any]:
+        names = [self._profile(profile_name).name] if profile_name else list(self.state.profiles)
+        for name in names:
+            state = self.state.profile(name)
+            async with self._lock(name):
+                await self._load(name)
+                if state.status is Status.UNCHECKED:
+                    await self._validate(state)
+        self._changed.set()
+        return await self.status()
+
+    async def status(self) -> dict[str, Any]:
+        now = self.clock()
+        profiles = []
+        for name, state in self.state.profiles.items():
+            profile = self.config.profiles[name]
+            proxy = self.proxies.get(name)
+            if state.token is None and proxy is None and name != self.config.default_profile:
+                continue
+            entry = state.snapshot(now)
+            entry.update(
+                auth_url=profile.auth_url,
+                spark_host=profile.spark_host,
+                spark_port=profile.spark_port,
+                use_ssl=profile.use_ssl,
+                s3_upstream=profile.s3_upstream,
+                s3_endpoint=proxy.endpoint if proxy else None,
+            )
+            profiles.append(entry)
+        return {
+            **self.health(),
+            "started": int(self.started * 1000),
+            "uptime_s": round(now - self.started, 1),
+            "socket": self.socket_path,
+            "config": str(self.config.path) if self.config.path else None,
+            "default_profile": self.config.default_profile,
+            "profiles": profiles,
+        }
+
+
+def desktop_notify(title: str, text: str) -> None:
+    """Show a desktop notification where the platform has one; never raises."""
+    if sys.platform == "darwin":
+        script = f"display notification {_applescript(text)} with title {_applescript(title)}"
+        argv = ["osascript", "-e", script]
+    elif os.environ.get("DBUS_SESSION_BUS_ADDRESS") and shutil.which("notify-send"):
+        argv = ["notify-send", "--app-name=kbdaemon", title, text]
+    else:
+        return
+    import subprocess
+
+    try:
+        subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError as exc:
+        log.debug("no desktop notification: %s", exc)
+
+
+def _applescript(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

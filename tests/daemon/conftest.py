@@ -1,0 +1,187 @@
+"""Fixtures of the kbdaemon tests: the real CLI in child processes, a real Secret Service keyring.
+
+Every child gets the test's isolated environment (HOME, XDG dirs, runtime dir) and a config file
+whose profiles point at the session's dev auth server. ``secret_service`` starts a private D-Bus
+session bus and an unlocked gnome-keyring on it, so the daemon uses a real OS keyring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keyring.core
+import psutil
+import pytest
+
+from kbdaemon.paths import DaemonPaths
+from testbed.auth import DevAuthServer
+from testbed.procs import ChildProcess
+
+KEYRING_PASSWORD = "kbdaemon-test-keyring"
+
+
+@dataclass
+class Kbdaemon:
+    """Runs `python -m kbdaemon ...` with the test's environment; stops what it started."""
+
+    config_path: Path
+    started_pids: set[int] = field(default_factory=set)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The test's (isolated) environment at the time of the call."""
+        return dict(os.environ)
+
+    @property
+    def paths(self) -> DaemonPaths:
+        return DaemonPaths.default()
+
+    def __call__(
+        self, *args: str, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "kbdaemon", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
+        if args and args[0] in ("start", "restart") and result.returncode == 0:
+            pid = self.pid()
+            if pid:
+                self.started_pids.add(pid)
+        return result
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.paths.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def status(self) -> dict[str, Any]:
+        result = self("status", "--json")
+        data: dict[str, Any] = json.loads(result.stdout)
+        data["exit_code"] = result.returncode
+        return data
+
+    def write_config(self, text: str) -> None:
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(text, encoding="utf-8")
+
+    def stop_all(self) -> None:
+        pid = self.pid()
+        if pid:
+            self.started_pids.add(pid)
+        for pid in self.started_pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc = psutil.Process(pid)
+                if any("kbdaemon" in part for part in proc.cmdline()):
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except psutil.TimeoutExpired:
+                        proc.kill()
+
+
+def auth_config(dev_auth: DevAuthServer, extra: str = "") -> str:
+    return f'[profiles.prod]\nauth_url = "{dev_auth.url}"\n{extra}'
+
+
+@pytest.fixture
+def kbdaemon(isolated_environment: Path, dev_auth: DevAuthServer) -> Iterator[Kbdaemon]:
+    """The kbdaemon CLI against the dev auth server, in this test's isolated environment."""
+    config = Path(os.environ["XDG_CONFIG_HOME"]) / "kbase-spark-connect" / "config.toml"
+    runner = Kbdaemon(config_path=config)
+    runner.write_config(auth_config(dev_auth))
+    try:
+        yield runner
+    finally:
+        runner.stop_all()
+
+
+@pytest.fixture
+def secret_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private session bus with an unlocked gnome-keyring; the keyring backend SecretService."""
+    missing = [p for p in ("dbus-daemon", "gnome-keyring-daemon") if shutil.which(p) is None]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not found: install the Debian packages dbus and "
+            "gnome-keyring (listed in tools/debian-packages.txt; `make test` installs them)"
+        )
+    bus_path = tmp_path / "bus"
+    address = f"unix:path={bus_path}"
+    bus = ChildProcess(
+        ["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}"],
+        log_path=tmp_path / "dbus.log",
+    )
+    keyring_proc: subprocess.Popen[bytes] | None = None
+    log = open(tmp_path / "gnome-keyring.log", "wb")  # noqa: SIM115 - closed below
+    try:
+        bus.wait_until(bus_path.exists, timeout=10, what="dbus-daemon")
+        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
+        keyring_proc = subprocess.Popen(
+            ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+        assert keyring_proc.stdin is not None
+        keyring_proc.stdin.write(KEYRING_PASSWORD.encode())
+        keyring_proc.stdin.close()
+        monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
+        _wait_for_secret_service(keyring_proc)
+        keyring.core.init_backend()  # keyring picks its backend once per process
+        yield address
+    finally:
+        if keyring_proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(keyring_proc.pid, signal.SIGTERM)
+            keyring_proc.wait(10)
+        log.close()
+        bus.stop()
+
+
+@pytest.fixture(autouse=True)
+def keyring_backend_from_environment() -> Iterator[None]:
+    """Make this process's keyring follow PYTHON_KEYRING_BACKEND as set for the test."""
+    keyring.core.init_backend()
+    yield
+
+
+def _wait_for_secret_service(proc: subprocess.Popen[bytes]) -> None:
+    import secretstorage
+
+    deadline = time.monotonic() + 15
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gnome-keyring-daemon exited with code {proc.returncode}")
+        try:
+            with contextlib.closing(secretstorage.dbus_init()) as conn:
+                collection = secretstorage.get_default_collection(conn)
+                if not collection.is_locked():
+                    return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"gnome-keyring did not come up unlocked: {last}")
+
+
+def lock_secret_service() -> None:
+    import secretstorage
+
+    with contextlib.closing(secretstorage.dbus_init()) as conn:
+        secretstorage.get_default_collection(conn).lock()
