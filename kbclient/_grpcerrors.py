@@ -9,8 +9,10 @@ import of grpc or pyspark:
 - UNAUTHENTICATED                 -> InvalidTokenError: log in again
 - PERMISSION_DENIED, mentions MFA -> MFARequiredError: how to get an MFA token
 - PERMISSION_DENIED, otherwise    -> AuthError
-- UNAVAILABLE, no connection      -> SparkServerUnavailableError naming host:port (TLS hint)
+- UNAVAILABLE, about the user's server (kbproxy says "Spark Connect server of user ...")
+                                  -> SparkServerUnavailableError: start your server; *waitable*
 - UNAVAILABLE, about auth         -> AuthUnavailableError
+- UNAVAILABLE, no connection      -> SparkServerUnavailableError naming host:port (TLS hint)
 - UNAVAILABLE, otherwise          -> SparkServerUnavailableError: start your server; *waitable*
 
 A waitable error is one a starting server would give: the caller may retry it for a while.
@@ -56,6 +58,8 @@ _NO_CONNECTION = (
     "socket closed",
 )
 _ABOUT_AUTH = ("auth2", "auth service", "authentication service", "kbase auth")
+# kbproxy names the user's server in its messages about it ("Spark Connect server of user ...").
+_ABOUT_BACKEND = ("server of user",)
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,21 @@ def translate(
         )
     if code != "UNAVAILABLE":
         return None
+    if any(marker in lower for marker in _ABOUT_BACKEND):
+        return Translated(
+            SparkServerUnavailableError(
+                f"your Spark server ({username}) is not reachable through {target} ({message}); "
+                f"{START_HINT}"
+            ),
+            waitable=True,
+        )
+    if any(marker in lower for marker in _ABOUT_AUTH):
+        return Translated(
+            AuthUnavailableError(
+                f"the Spark Connect service at {target} cannot check your token with KBase "
+                f"auth right now ({message}); try again in a minute"
+            )
+        )
     if any(marker in lower for marker in _NO_CONNECTION):
         hint = "check the host and port, your network and VPN"
         if use_ssl and ("handshake" in lower or "ssl" in lower or "certificate" in lower):
@@ -130,13 +149,6 @@ def translate(
         return Translated(
             SparkServerUnavailableError(
                 f"cannot reach the Spark Connect service at {target} ({message}); {hint}"
-            )
-        )
-    if any(marker in lower for marker in _ABOUT_AUTH):
-        return Translated(
-            AuthUnavailableError(
-                f"the Spark Connect service at {target} cannot check your token with KBase "
-                f"auth right now ({message}); try again in a minute"
             )
         )
     return Translated(
