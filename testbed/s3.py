@@ -25,7 +25,9 @@ import argparse
 import asyncio
 import datetime
 import hashlib
+import io
 import json
+import random
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -443,3 +445,60 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+# --- large objects -------------------------------------------------------------------------------
+
+
+class PatternReader(io.RawIOBase):
+    """``size`` bytes of a repeated pseudo-random 1 MiB block, readable and seekable, no disk."""
+
+    BLOCK = random.Random(20260101).randbytes(1 << 20)  # noqa: S311 - test data, not secrets
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, min(self.size, base + offset))
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self.pos)
+        done = 0
+        block = self.BLOCK
+        while done < n:
+            at = (self.pos + done) % len(block)
+            step = min(n - done, len(block) - at)
+            view[done : done + step] = block[at : at + step]
+            done += step
+        self.pos += n
+        return n
+
+
+def pattern_sha256(size: int) -> str:
+    """The sha256 of ``PatternReader(size)``'s bytes."""
+    digest = hashlib.sha256()
+    reader = PatternReader(size)
+    while chunk := reader.read(8 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def put_large_object(client: Any, key: str, size: int, *, bucket: str = BUCKET) -> None:
+    """Upload ``size`` pattern bytes to ``key`` as a multipart upload, streamed from memory."""
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(multipart_chunksize=64 << 20, max_concurrency=4)
+    client.upload_fileobj(PatternReader(size), bucket, key, Config=config)
