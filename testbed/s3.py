@@ -28,7 +28,9 @@ import hashlib
 import io
 import json
 import random
+import re
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -155,8 +157,6 @@ def _s3_answers(url: str) -> bool:
 
 
 def _create_bucket(server: SeaweedS3, bucket: str) -> None:
-    import time
-
     client = server.client()
     deadline = time.monotonic() + 30
     while True:  # the filer may still be joining the master
@@ -445,6 +445,48 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+# --- the proxy under test ---------------------------------------------------------------------
+
+
+@dataclass
+class ProxyProcess:
+    """A running `kbdaemon s3-proxy` child; ``endpoint`` is what S3 tools use."""
+
+    endpoint: str
+    child: ChildProcess
+
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1])
+
+    def client(self, **config: Any) -> Any:
+        return s3_client(self.endpoint, **config)
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def start_proxy_process(workdir: Path, upstream: str, *extra: str) -> ProxyProcess:
+    """`kbdaemon s3-proxy` on a free port, allowed to follow http URLs to 127.0.0.1."""
+    argv = [sys.executable, "-m", "kbdaemon", "s3-proxy", "--upstream", upstream, "-v"]
+    argv += ["--allow-http-host", "127.0.0.1", *extra]
+    child = ChildProcess(argv, log_path=workdir / f"s3-proxy-{time.monotonic_ns()}.log")
+    found: list[str] = []
+
+    def listening() -> bool:
+        match = re.search(r"^listening on (http://\S+)$", child.log_text(), re.MULTILINE)
+        if match:
+            found.append(match.group(1))
+        return bool(match)
+
+    try:
+        child.wait_until(listening, timeout=30, what="kbdaemon s3-proxy")
+    except BaseException:
+        child.stop()
+        raise
+    return ProxyProcess(endpoint=found[0], child=child)
 
 
 # --- large objects -------------------------------------------------------------------------------

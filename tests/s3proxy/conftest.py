@@ -8,57 +8,20 @@ proxy is started with ``--allow-http-host 127.0.0.1`` (https is its default requ
 
 from __future__ import annotations
 
-import re
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from testbed.procs import ChildProcess
-from testbed.s3 import DeltaLakeProxyEmulator, SeaweedS3, s3_client, start_emulator, start_seaweedfs
+from testbed.s3 import (
+    DeltaLakeProxyEmulator,
+    ProxyProcess,
+    SeaweedS3,
+    start_emulator,
+    start_proxy_process,
+    start_seaweedfs,
+)
 
-
-@dataclass
-class ProxyProcess:
-    """A running `kbdaemon s3-proxy` child; ``endpoint`` is what S3 tools use."""
-
-    endpoint: str
-    child: ChildProcess
-
-    @property
-    def port(self) -> int:
-        return int(self.endpoint.rsplit(":", 1)[1])
-
-    def client(self, **config: Any) -> Any:
-        return s3_client(self.endpoint, **config)
-
-    def stop(self) -> None:
-        self.child.stop()
-
-
-def start_proxy_process(workdir: Path, upstream: str, *extra: str) -> ProxyProcess:
-    """`kbdaemon s3-proxy` on a free port, allowed to follow http URLs to 127.0.0.1."""
-    argv = [sys.executable, "-m", "kbdaemon", "s3-proxy", "--upstream", upstream, "-v"]
-    argv += ["--allow-http-host", "127.0.0.1", *extra]
-    child = ChildProcess(argv, log_path=workdir / f"s3-proxy-{time.monotonic_ns()}.log")
-    found: list[str] = []
-
-    def listening() -> bool:
-        match = re.search(r"^listening on (http://\S+)$", child.log_text(), re.MULTILINE)
-        if match:
-            found.append(match.group(1))
-        return bool(match)
-
-    try:
-        child.wait_until(listening, timeout=30, what="kbdaemon s3-proxy")
-    except BaseException:
-        child.stop()
-        raise
-    return ProxyProcess(endpoint=found[0], child=child)
+__all__ = ["ProxyProcess"]
 
 
 @pytest.fixture(scope="session")
