@@ -354,6 +354,8 @@ def execute(
                 report.append(f"removed {action.path}")
         elif remove_token(action.profile):
             report.append(f"deleted the token of profile {action.profile!r}")
+        else:
+            report.append(f"no token of profile {action.profile!r} in the keyring")
     return report
 
 
@@ -412,6 +414,11 @@ def _run_plan(plan: Sequence[Action], *, dry_run: bool) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     target = Target.current()
     result = _run_plan(plan_install(target), dry_run=args.dry_run)
+    if result != exitcodes.OK and not args.dry_run:
+        # Nothing half-installed: `status` would call a file nobody registered "installed".
+        with contextlib.suppress(FileNotFoundError):
+            target.service_file.unlink()
+            print(f"removed {target.service_file} again", file=sys.stderr)
     if result == exitcodes.OK and not args.dry_run:
         print(f"autostart installed: {target.service_file}")
         if linger_enabled(target.user) is False:

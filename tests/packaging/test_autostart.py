@@ -294,3 +294,21 @@ def test_linger(tmp_path: Path) -> None:
     (tmp_path / "var/lib/systemd/linger/alice").touch()
     assert autostart.linger_enabled("alice", root=tmp_path) is True
     assert autostart.linger_fix("alice") == "loginctl enable-linger alice"
+
+
+def test_cli_install_without_a_service_manager_leaves_nothing_behind(
+    isolated_environment: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real `systemctl`, where no systemd user session runs (as in this container)."""
+    if shutil.which("systemctl") is None:
+        pytest.fail("systemctl is missing: apt-get install systemd (tools/system-deps.sh)")
+    monkeypatch.setattr(autostart, "current_platform", lambda: "linux")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+
+    assert cli.main(["install"]) == exitcodes.ERROR
+
+    err = capsys.readouterr().err
+    assert "`systemctl --user daemon-reload` failed" in err
+    assert "kbdaemon start" in err
+    assert not (isolated_environment / ".config/systemd/user/kbdaemon.service").exists()
+    assert not autostart.autostart_installed()
