@@ -89,9 +89,9 @@ class ChannelPool:
             entry = _Entry(self._factory(address, self._options))
             self._entries[address] = entry
             self.created += 1
-            self._evict_over_size()
         self._entries.move_to_end(address)
         entry.active += 1
+        self._evict_over_size()
         try:
             yield entry.channel
         finally:

@@ -41,11 +41,10 @@ access_log = logging.getLogger("kbproxy.access")
 
 SERVICE = "spark.connect.SparkConnectService"
 PREFIX = f"/{SERVICE}/"
-# Methods whose request is one message (unary or server-streaming), as of Spark 4.1.
-SINGLE_REQUEST_METHODS = frozenset(
+# Cardinalities as of Spark 4.1; methods not listed are relayed as bidirectional streams.
+SERVER_STREAMING_METHODS = frozenset({"ExecutePlan", "ReattachExecute"})
+UNARY_METHODS = frozenset(
     {
-        "ExecutePlan",
-        "ReattachExecute",
         "AnalyzePlan",
         "Config",
         "ArtifactStatus",
@@ -157,7 +156,13 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         path: str = handler_call_details.method
         if not path.startswith(PREFIX) or "/" in (method := path[len(PREFIX) :]) or not method:
             return None
-        if method in SINGLE_REQUEST_METHODS:
+        if method in UNARY_METHODS:
+
+            async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
+                return await self._handle(path, method, context, request, None, unary=True)
+
+            return grpc.unary_unary_rpc_method_handler(unary)
+        if method in SERVER_STREAMING_METHODS:
 
             async def single(request: bytes, context: grpc.aio.ServicerContext) -> None:
                 await self._handle(path, method, context, request, None)
@@ -200,7 +205,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
         request: bytes | None,
         requests: AsyncIterator[bytes] | None,
-    ) -> None:
+        *,
+        unary: bool = False,
+    ) -> bytes | None:
         record = CallRecord(method=method)
         self.observer.started(record)
         try:
@@ -218,6 +225,11 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
                 self._remember_session(route, request)
             async with self.pool.lease(route.backend) as channel:
                 await self._connected(channel, route)
+                if unary:
+                    assert request is not None
+                    return await self._relay_unary(
+                        path, context, channel, metadata, route, record, request
+                    )
                 await self._relay(
                     path, context, channel, metadata, route, record, request, requests
                 )
@@ -235,6 +247,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             context.set_details("kbproxy failed to relay the call; see the proxy's log")
         finally:
             self.observer.finished(record)
+        return None
 
     async def _connected(self, channel: grpc.aio.Channel, route: Route) -> None:
         if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
@@ -247,6 +260,58 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
                 f"accept a connection within {self.connect_timeout:g} s: it may be starting or "
                 "stopped; start it from the KBase hub if needed, then retry"
             ) from None
+
+    async def _relay_unary(
+        self,
+        path: str,
+        context: grpc.aio.ServicerContext,
+        channel: grpc.aio.Channel,
+        metadata: Metadata,
+        route: Route,
+        record: CallRecord,
+        request: bytes,
+    ) -> bytes | None:
+        call = channel.unary_unary(path)(
+            request, metadata=forwardable(metadata), timeout=_remaining(context)
+        )
+        try:
+            response: bytes = await call
+        except grpc.aio.AioRpcError as exc:
+            self._finish(context, record, route, exc.code(), exc.details(), exc.trailing_metadata())
+            return None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        initial = await call.initial_metadata()
+        if initial:
+            await context.send_initial_metadata(forwardable(initial))
+        record.bytes_out += len(response)
+        self._finish(
+            context, record, route, grpc.StatusCode.OK, None, await call.trailing_metadata()
+        )
+        return response
+
+    def _finish(
+        self,
+        context: grpc.aio.ServicerContext,
+        record: CallRecord,
+        route: Route,
+        code: grpc.StatusCode,
+        details: str | None,
+        trailing: Metadata | None,
+    ) -> None:
+        """Pass the backend's status on; a lost connection is explained."""
+        if code == grpc.StatusCode.UNAVAILABLE and not trailing:
+            details = (
+                f"lost the connection to the Spark Connect server of user {route.username} "
+                f"({route.backend}): {details}; retry in a moment"
+            )
+        record.code, record.details = code, details or ""
+        if trailing:
+            context.set_trailing_metadata(forwardable(trailing))
+        if code != grpc.StatusCode.OK:
+            context.set_code(code)
+            context.set_details(details)
 
     async def _relay(
         self,
@@ -276,27 +341,17 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             while (response := await call.read()) is not grpc.aio.EOF:
                 record.bytes_out += len(response)
                 await context.write(response)
-            code, details, trailing = await call.code(), await call.details(), None
+            code, details = await call.code(), await call.details()
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details(), exc.trailing_metadata()
-            if code == grpc.StatusCode.UNAVAILABLE and not trailing:
-                details = (
-                    f"lost the connection to the Spark Connect server of user {route.username} "
-                    f"({route.backend}): {details}; retry in a moment"
-                )
         finally:
             if pump is not None:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
             call.cancel()  # no-op once finished; stops the backend call if we are cancelled
-        record.code, record.details = code, details or ""
-        if trailing:
-            context.set_trailing_metadata(forwardable(trailing))
-        if code != grpc.StatusCode.OK:
-            context.set_code(code)
-            context.set_details(details)
+        self._finish(context, record, route, code, details, trailing)
 
     async def _pump(
         self, requests: AsyncIterator[bytes], call: Any, route: Route, record: CallRecord

@@ -1,0 +1,92 @@
+"""Fixtures of the proxy tests: kbproxy in front of the two session Spark Connect servers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import pytest
+
+from testbed.auth import DevAuthServer
+from testbed.proxy import KbproxyServer, start_kbproxy
+from testbed.spark import SparkConnectServer
+
+SERVICE = "/spark.connect.SparkConnectService/"
+UNREACHABLE = "127.0.0.1:1"  # users not in the backend map: nothing listens there
+
+
+@pytest.fixture(scope="session")
+def kbproxy(
+    tmp_path_factory: pytest.TempPathFactory,
+    spark_servers: list[SparkConnectServer],
+    dev_auth_session: DevAuthServer,
+) -> Iterator[KbproxyServer]:
+    """kbproxy routing alice and bob to their own servers; any other user to a closed port."""
+    server = start_kbproxy(
+        tmp_path_factory.mktemp("kbproxy"),
+        auth_url=dev_auth_session.url,
+        backend_template=UNREACHABLE,
+        backend_map={"alice": spark_servers[0].address, "bob": spark_servers[1].address},
+        extra_args=["--auth-timeout", "1", "--connect-timeout", "1"],
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def proxy_url(proxy: KbproxyServer, token: str, user: str = "alice") -> str:
+    return f"sc://{proxy.address}/;x-kbase-token={token};user_id={user}"
+
+
+@contextmanager
+def spark_session(url: str) -> Iterator[Any]:
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.remote(url).create()
+    try:
+        yield spark
+    finally:
+        spark.stop()
+
+
+def config_request(session_id: str | None = None, user_id: str = "alice") -> bytes:
+    """A serialized ConfigRequest reading one setting (a small unary call)."""
+    from pyspark.sql.connect.proto import base_pb2
+
+    request = base_pb2.ConfigRequest(
+        session_id=session_id or str(uuid.uuid4()),
+        user_context=base_pb2.UserContext(user_id=user_id),
+    )
+    request.operation.get.keys.append("spark.connect.grpc.binding.port")
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def config_port(response: bytes) -> int:
+    """The backend's own port, from a ConfigResponse to config_request()."""
+    from pyspark.sql.connect.proto import base_pb2
+
+    parsed = base_pb2.ConfigResponse.FromString(response)
+    return int(parsed.pairs[0].value)
+
+
+def raw_call(
+    address: str,
+    method: str,
+    request: bytes,
+    *,
+    token: str | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
+    timeout: float = 30,
+) -> bytes:
+    """One unary call with a raw gRPC channel; raises grpc.RpcError on a non-OK status."""
+    md = (("x-kbase-token", token), *metadata) if token else metadata
+    with grpc.insecure_channel(address) as channel:
+        response: bytes = channel.unary_unary(SERVICE + method)(
+            request, metadata=md, timeout=timeout
+        )
+        return response
