@@ -152,10 +152,15 @@ def storage_options(endpoint: str) -> dict[str, str]:
     }
 
 
-def write_config(path: Path, *, auth_url: str, proxy_port: int, s3_upstream: str) -> None:
+def write_config(
+    path: Path, *, auth_url: str, proxy_port: int, s3_upstream: str, s3_http_host: str
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         'default_profile = "demo"\n\n'
+        "[kbdaemon]\n"
+        "# The local S3 serves plain http; a real one is followed over https only.\n"
+        f's3_allow_http_hosts = ["{s3_http_host}"]\n\n'
         "[profiles.demo]\n"
         f'auth_url = "{auth_url}"\n'
         'spark_host = "127.0.0.1"\n'
@@ -219,7 +224,13 @@ def run_demo(workdir: Path, stack: ExitStack, steps: Steps) -> None:
         from kbclient._profiles import config_path
 
         path = config_path()
-        write_config(path, auth_url=auth.url, proxy_port=proxy.port, s3_upstream=emulator.url)
+        write_config(
+            path,
+            auth_url=auth.url,
+            proxy_port=proxy.port,
+            s3_upstream=emulator.url,
+            s3_http_host=f"127.0.0.1:{emulator.front_port}",
+        )
         steps.say(f"{path}:\n" + path.read_text())
 
     with steps.step("Log in once: the token is checked with Auth2, then kept in the keyring"):
@@ -274,12 +285,12 @@ def run_demo(workdir: Path, stack: ExitStack, steps: Steps) -> None:
             if "InsecureRedirect" not in str(exc):
                 raise
             steps.missing.append(
-                "the daemon's S3 proxy follows only https pre-signed URLs, and a profile cannot "
-                "yet allow the local http S3 (kbdaemon s3-proxy has --allow-http-host)"
+                "the daemon's S3 proxy refused the local S3's http pre-signed URLs: this kbdaemon "
+                "does not apply [kbdaemon] s3_allow_http_hosts of the config file"
             )
             steps.say(
                 "NOT DONE through the daemon: its S3 proxy refuses the http pre-signed URLs of "
-                "this local S3, and the profile config has no setting to allow them yet."
+                "this local S3 (the config's [kbdaemon] s3_allow_http_hosts is not applied)."
             )
             steps.say("Instead: the same proxy in the foreground, `kbdaemon s3-proxy`:")
             endpoint = start_s3_proxy(stack, workdir, emulator.url, emulator.front_port)
