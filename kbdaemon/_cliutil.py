@@ -7,15 +7,11 @@ import sys
 from datetime import datetime
 from typing import Any
 
-from kbclient._profiles import Config, ProfileError, config_path, load_config
+from kbclient._profiles import Config, ProfileError, load_config
 from kbdaemon.errors import KBDaemonError
 from kbdaemon.keystore import FileStore, KeyringStore, Keystore
 from kbdaemon.paths import DaemonPaths
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from kbdaemon.settings import load_settings
 
 
 class CLIError(KBDaemonError):
@@ -31,17 +27,7 @@ def load_config_or_fail() -> Config:
 
 def storage_preference() -> str:
     """``token_storage`` under ``[kbdaemon]`` in the config file: "keyring" (default) or "file"."""
-    try:
-        data = tomllib.loads(config_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "keyring"
-    section = data.get("kbdaemon", {})
-    value = section.get("token_storage", "keyring") if isinstance(section, dict) else "keyring"
-    if value not in ("keyring", "file"):
-        raise CLIError(
-            f'{config_path()}: [kbdaemon] token_storage must be "keyring" or "file", not {value!r}'
-        )
-    return str(value)
+    return load_settings().token_storage
 
 
 def make_keystore(paths: DaemonPaths) -> Keystore:

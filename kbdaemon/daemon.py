@@ -21,19 +21,26 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from kbclient import AuthError, KBaseAuthClient, KBaseError
+from kbclient import (
+    AuthError,
+    KBaseAuthClient,
+    KBaseError,
+    TokenCache,
+    TokenExpiredError,
+    TokenInfo,
+)
 from kbclient._profiles import Config, Profile, ProfileError
 from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
 from kbdaemon.errors import KeystoreError
 from kbdaemon.keystore import Keystore
 from kbdaemon.s3proxy import S3Proxy
+from kbdaemon.settings import DaemonSettings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
 
 log = logging.getLogger(__name__)
 
 RELOAD_ON_REQUEST_EVERY = 10.0
-RECHECK_MARGIN = 1.0  # the auth client's cache entry must be gone when we ask again
 
 
 class TokenChecker(Protocol):
@@ -44,8 +51,15 @@ class TokenChecker(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _AlwaysAsk(TokenCache):
+    """The daemon schedules its own checks on ``cachefor``: each one must reach Auth2."""
+
+    def get_info(self, key: str) -> TokenInfo | None:
+        return None
+
+
 class KBaseChecker:
-    """kbclient's async Auth2 client, one per auth URL."""
+    """kbclient's async Auth2 client, one per auth URL, without its answer cache."""
 
     def __init__(self, *, timeout: float = 10.0) -> None:
         self.timeout = timeout
@@ -54,7 +68,8 @@ class KBaseChecker:
     async def token_info(self, auth_url: str, token: str) -> TokenFacts:
         client = self._clients.get(auth_url)
         if client is None:
-            client = self._clients[auth_url] = KBaseAuthClient(auth_url, timeout=self.timeout)
+            client = KBaseAuthClient(auth_url, timeout=self.timeout, cache=_AlwaysAsk())
+            self._clients[auth_url] = client
         return await client.token_info(token)
 
     async def aclose(self) -> None:
@@ -73,6 +88,8 @@ class Daemon:
         clock: wall-clock seconds (``time.time``), replaceable in tests.
         notify: shows a desktop notification (title, text); best effort.
         on_secret: called with each token the daemon holds, so log filters can mask it.
+        socket_path: reported in status.
+        settings: the ``[kbdaemon]`` table of the config file.
     """
 
     def __init__(
@@ -85,6 +102,7 @@ class Daemon:
         notify: Callable[[str, str], None] | None = None,
         on_secret: Callable[[str], None] = lambda _token: None,
         socket_path: str = "",
+        settings: DaemonSettings | None = None,
     ) -> None:
         self.config = config
         self.keystore = keystore
@@ -93,6 +111,7 @@ class Daemon:
         self.notify = notify or desktop_notify
         self.on_secret = on_secret
         self.socket_path = socket_path
+        self.settings = settings or DaemonSettings()
         self.state = DaemonState()
         self.proxies: dict[str, S3Proxy] = {}
         self.started = clock()
@@ -115,7 +134,11 @@ class Daemon:
         try:
             for profile in self.profiles_served():
                 if profile.s3_upstream:
-                    proxy = S3Proxy(upstream=profile.s3_upstream, port=profile.s3_port)
+                    proxy = S3Proxy(
+                        upstream=profile.s3_upstream,
+                        port=profile.s3_port,
+                        allow_http_hosts=self.settings.s3_allow_http_hosts,
+                    )
                     await proxy.start()
                     self.proxies[profile.name] = proxy
         except BaseException:
@@ -176,7 +199,8 @@ class Daemon:
             facts = await self.checker.token_info(auth_url, token)
         except AuthError as exc:
             if state.token == token:
-                state.rejected(str(exc), now=self.clock())
+                expired = isinstance(exc, TokenExpiredError)
+                state.rejected(str(exc), now=self.clock(), expired=expired)
                 log.warning("profile %s: Auth2 refused the token: %s", state.name, exc)
             return
         except (KBaseError, OSError) as exc:
@@ -193,8 +217,6 @@ class Daemon:
             return
         was_ok = state.status is Status.VALID
         state.accepted(facts, now=self.clock())
-        if state.wake_at is not None:
-            state.wake_at += RECHECK_MARGIN
         if not was_ok:
             log.info("profile %s: token of %s confirmed by Auth2", state.name, state.user)
         note = state.take_notification(self.clock())

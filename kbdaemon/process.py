@@ -39,6 +39,7 @@ from kbdaemon.errors import (
 )
 from kbdaemon.keystore import Keystore
 from kbdaemon.paths import DaemonPaths, ensure_private_dir
+from kbdaemon.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ async def _serve(
         checker=KBaseChecker(),
         on_secret=secrets.secrets.add,
         socket_path=str(paths.socket),
+        settings=load_settings(),
     )
     await daemon.start()
     try:
@@ -331,16 +333,28 @@ def stop_daemon(paths: DaemonPaths, *, timeout: float = 15.0) -> int:
     running = find_daemon(paths)
     if running is None or running.pid is None:
         raise NotRunningError("kbdaemon is not running")
-    proc = psutil.Process(running.pid)
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except psutil.TimeoutExpired:
-        log.warning("kbdaemon pid %d did not stop in %.0f s; killing it", running.pid, timeout)
-        proc.kill()
-        proc.wait(timeout)
+    pid = running.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if not _wait_gone(pid, timeout):
+        log.warning("kbdaemon pid %d did not stop in %.0f s; killing it", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid, timeout)
     for leftover in (paths.socket, paths.pid_file):
         if leftover.exists() and not socket_answers(paths.socket):
             with contextlib.suppress(OSError):
                 leftover.unlink()
-    return running.pid
+    return pid
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` is gone or a zombie (its parent may be slow to reap it)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while is_daemon_process(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+    return True

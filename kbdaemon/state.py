@@ -138,9 +138,9 @@ class ProfileState:
         self.wake_at = wake
         self.tick(now)
 
-    def rejected(self, message: str, *, now: float) -> None:
+    def rejected(self, message: str, *, now: float, expired: bool = False) -> None:
         self.last_error = message
-        self.status = Status.REVOKED
+        self.status = Status.EXPIRED if expired else Status.REVOKED
         self.tick(now)
         self.wake_at = None
 

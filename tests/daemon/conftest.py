@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import keyring.core
-import psutil
 import pytest
 
 from kbdaemon.paths import DaemonPaths
+from kbdaemon.process import _wait_gone, is_daemon_process
 from testbed.auth import DevAuthServer
 from testbed.procs import ChildProcess
 
@@ -85,14 +85,12 @@ class Kbdaemon:
         if pid:
             self.started_pids.add(pid)
         for pid in self.started_pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc = psutil.Process(pid)
-                if any("kbdaemon" in part for part in proc.cmdline()):
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except psutil.TimeoutExpired:
-                        proc.kill()
+            if is_daemon_process(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                if not _wait_gone(pid, 10):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def auth_config(dev_auth: DevAuthServer, extra: str = "") -> str:
