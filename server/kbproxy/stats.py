@@ -96,10 +96,10 @@ class Stats(CallObserver):
         }
         if record.by_session:
             fields["routed_by"] = "session"
-        error = ""
+        error = " routed_by=session" if record.by_session else ""
         if record.code.name != "OK" and record.details:
             fields["details"] = record.details[:300]
-            error = " details=" + repr(fields["details"])
+            error += " details=" + repr(fields["details"])
         access_log.info(
             "%s %s %s %.1fms in=%d out=%d backend=%s%s",
             record.user,
