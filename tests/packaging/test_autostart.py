@@ -312,3 +312,39 @@ def test_cli_install_without_a_service_manager_leaves_nothing_behind(
     assert "kbdaemon start" in err
     assert not (isolated_environment / ".config/systemd/user/kbdaemon.service").exists()
     assert not autostart.autostart_installed()
+
+
+def test_cli_uninstall_purge_stops_a_running_daemon(
+    isolated_environment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real daemon, started by the real CLI, and a real (file) keyring in the isolated HOME."""
+    import psutil
+
+    from kbdaemon.paths import DaemonPaths
+
+    backend = "keyrings.alt.file.PlaintextKeyring"
+    monkeypatch.setenv("PYTHON_KEYRING_BACKEND", backend)
+    keyring.set_keyring(keyring.core.load_keyring(backend))
+    keyring.set_password("kbase-spark-connect", "prod", "PRODTOKEN")
+    # Never the developer's own service manager: Linux commands, and no session bus.
+    monkeypatch.setattr(autostart, "current_platform", lambda: "linux")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+    paths = DaemonPaths.default()
+    started = subprocess.run(
+        [sys.executable, "-m", "kbdaemon", "start"], capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    daemon = psutil.Process(int(paths.pid_file.read_text().split()[0]))
+    assert paths.socket.exists()
+
+    try:
+        assert cli.main(["uninstall", "--purge"]) == exitcodes.OK
+        _, alive = psutil.wait_procs([daemon], timeout=10)
+        assert alive == []
+    finally:
+        if daemon.is_running():
+            daemon.kill()
+
+    assert not paths.socket.exists()
+    assert not paths.pid_file.exists()
+    assert keyring.get_password("kbase-spark-connect", "prod") is None
