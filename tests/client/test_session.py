@@ -3,11 +3,13 @@ Spark Connect servers (alice's and bob's) on loopback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from kbclient import (
     create_spark_session,
     get_connection_info,
 )
+from kbclient._tokens import read_keyring
 from testbed.auth import DevAuthServer
 from testbed.procs import free_port
 from testbed.proxy import KbproxyServer
@@ -370,3 +373,49 @@ def test_tls_with_a_private_ca(auth: DevAuthServer, tls_kbproxy: TlsProxy, tmp_p
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "rows 4" in result.stdout
+
+
+def test_python_m_kbclient_shows_and_checks(
+    auth: DevAuthServer,
+    kbproxy: KbproxyServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kbclient.__main__ import main
+
+    monkeypatch.setenv("KBASE_AUTH_TOKEN", ALICE_TOKEN)
+    monkeypatch.setenv("KBASE_AUTH_URL", auth.url)
+    argv = ["--host", "127.0.0.1", "--port", str(kbproxy.port), "--no-ssl"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "user:          alice" in out and "x-kbase-token=***" in out
+    assert "check:         ok: Spark 4." in out and ALICE_TOKEN not in out
+    assert main([*argv, "--json", "--no-check"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["username"] == "alice" and data["token_source"] == "KBASE_AUTH_TOKEN"
+    monkeypatch.setenv("KBASE_AUTH_TOKEN", NOMFA_TOKEN)
+    assert main(argv) == 3
+    assert "multi-factor" in capsys.readouterr().err
+    monkeypatch.delenv("KBASE_AUTH_TOKEN")
+    assert main(argv) == 2
+    assert "kbdaemon login" in capsys.readouterr().err
+
+
+def test_keyring_that_never_answers_does_not_hang() -> None:
+    release = threading.Event()
+
+    class Stuck(LockedKeyring):
+        def get_password(self, service: str, username: str) -> str | None:
+            release.wait(30)  # a keyring waiting for a password prompt nobody answers
+            return None
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(Stuck())
+    try:
+        started = time.monotonic()
+        with pytest.raises(kbclient.KeyringError, match="did not answer within"):
+            read_keyring("prod", timeout=0.3)
+        assert time.monotonic() - started < 2
+    finally:
+        release.set()
+        keyring.set_keyring(previous)
