@@ -1,23 +1,23 @@
 """The kbproxy container image, as far as it can be checked without a Docker engine.
 
 There is no engine here, so the image is not built. Checked instead: the Dockerfile's
-instructions (stages, user, ports, health check), the wheel it installs (built the same way,
-offline) and that wheel's dependency closure, imported in an interpreter that sees nothing else:
-kbproxy imports, pyspark and keyring are absent. The health check command itself is run against
-a real `kbproxy serve`.
+instructions as Docker's own (buildkit) parser reads them (stages, user, ports, health check),
+the wheel it installs (built the same way, offline) and that wheel's dependency closure, imported
+in an interpreter that sees nothing else: kbproxy imports, pyspark and keyring are absent. The
+health check command itself is run against a real `kbproxy serve`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import shlex
 import subprocess
 import sys
 import zipfile
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -30,34 +30,23 @@ PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no
 FORBIDDEN = {"pyspark", "keyring", "keyrings-alt", "pandas", "py4j", "kbase-spark-connect"}
 
 
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    logical: list[str] = []
-    pending = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not pending and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        logical.append(pending + stripped)
-        pending = ""
-    pairs = []
-    for line in logical:
-        word, _, rest = line.partition(" ")
-        pairs.append((word.upper(), rest.strip()))
-    return pairs
-
-
-def stages() -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for pair in instructions(DOCKERFILE.read_text(encoding="utf-8")):
-        if pair[0] == "FROM":
+def stages() -> list[list[Any]]:
+    """The Dockerfile's instructions, parsed by the Docker's own (buildkit) parser, per stage."""
+    try:
+        import dockerfile
+    except ImportError:
+        pytest.fail("the dockerfile package parses the Dockerfile: pip install -e '.[test]'")
+    result: list[list[Any]] = []
+    for command in dockerfile.parse_file(str(DOCKERFILE)):
+        if command.cmd == "FROM":
             result.append([])
         if result:
-            result[-1].append(pair)
+            result[-1].append(command)
     return result
+
+
+def first(stage: list[Any], cmd: str) -> Any:
+    return next(c for c in stage if c.cmd == cmd)
 
 
 def build_wheel(source: Path, out: Path) -> Path:
@@ -89,37 +78,38 @@ def closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
 
 def test_dockerfile_builds_a_slim_non_root_image_with_a_health_check() -> None:
     build, final = stages()
-    final_words = dict(final)
+    text = DOCKERFILE.read_text(encoding="utf-8")
 
-    assert final[0][1] == "${PYTHON_IMAGE}"
-    assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE.read_text())
-    assert "pip wheel" in dict(build)["RUN"] and "./server" in dict(build)["RUN"]
-    # The final stage installs nothing: it copies the built virtualenv, no compilers, no pip.
-    assert [args for word, args in final if word == "COPY"] == [
-        "--from=build /opt/kbproxy /opt/kbproxy"
-    ]
-    assert not any(word == "RUN" and ("install" in args) for word, args in final)
-    assert "pip uninstall --yes pip setuptools" in dict(build)["RUN"]
+    assert final[0].value == ("${PYTHON_IMAGE}",)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.MULTILINE)
+    build_run = first(build, "RUN").value[0]
+    assert "pip wheel" in build_run and "./server" in build_run
+    assert "pip uninstall --yes pip setuptools" in build_run
+    # The final stage installs nothing: it copies the built virtualenv; no compilers, no pip.
+    copies = [(c.flags, c.value) for c in final if c.cmd == "COPY"]
+    assert copies == [(("--from=build",), ("/opt/kbproxy", "/opt/kbproxy"))]
+    assert not any(c.cmd == "RUN" and "install" in c.value[0] for c in final)
 
-    user = final_words["USER"].split(":")[0]
+    user = first(final, "USER").value[0].split(":")[0]
     assert user not in ("root", "0")
-    assert set(final_words["EXPOSE"].split()) == {"15002", "9090"}
-    assert json.loads(final_words["ENTRYPOINT"]) == ["kbproxy"]
-    assert json.loads(final_words["CMD"]) == ["serve"]
+    assert set(first(final, "EXPOSE").value) == {"15002", "9090"}
+    assert first(final, "ENTRYPOINT").value == ("kbproxy",)
+    assert first(final, "CMD").value == ("serve",)
 
-    health = final_words["HEALTHCHECK"]
-    assert "curl" not in health and "wget" not in health
-    assert "/healthz" in health
+    health = first(final, "HEALTHCHECK")
+    assert health.value[:2] == ("CMD", "python")
+    assert "/healthz" in health.value[-1]
+    assert not any(tool in " ".join(health.value) for tool in ("curl", "wget"))
 
-    for _, args in instructions(DOCKERFILE.read_text()):
-        assert "keyring" not in args
-        assert "pyspark" not in args.replace('import pyspark"', "")  # only the absence check
+    for command in build + final:
+        words = " ".join(command.value)
+        assert "keyring" not in words
+        assert "pyspark" not in words.replace('import pyspark"', "")  # only the absence check
 
 
 def test_healthcheck_command_asks_a_real_proxy(tmp_path: Path) -> None:
     _, final = stages()
-    health = dict(final)["HEALTHCHECK"]
-    argv = json.loads(health[health.index("CMD") + 3 :])
+    argv = list(first(final, "HEALTHCHECK").value[1:])
     assert argv[0] == "python"
     auth = start_dev_auth(tmp_path / "auth", {})
     try:
@@ -204,5 +194,5 @@ def test_dockerignore_keeps_the_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().split()
     assert lines[lines.index("*")] == "*"
     assert "!server/" in lines and "!constraints.txt" in lines
-    copied = [shlex.split(args)[0] for stage in stages() for word, args in stage if word == "COPY"]
-    assert set(copied) - {"--from=build"} == {"constraints.txt", "server/"}
+    sources = {c.value[0] for stage in stages() for c in stage if c.cmd == "COPY" and not c.flags}
+    assert sources == {"constraints.txt", "server/"}
