@@ -14,7 +14,6 @@ Auth2 facts: ``GET {auth_url}api/V2/token`` and ``api/V2/me`` with header ``Auth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -171,6 +170,8 @@ def parse_me(status: int, body: bytes, auth_url: str) -> UserInfo:
 
 
 def token_key(auth_url: str, token: str) -> str:
+    import hashlib
+
     return hashlib.sha256(f"{auth_url}\0{token}".encode()).hexdigest()
 
 
