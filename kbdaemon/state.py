@@ -205,7 +205,7 @@ class ProfileState:
             token=self.token,
             expires=self.expires,
             stale=self.status is Status.STALE,
-            token_source=f"kbdaemon ({self.storage_kind})",
+            token_source=self.storage_kind or "unknown",
         )
 
     def warning(self, now: float) -> str | None:

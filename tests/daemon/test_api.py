@@ -84,7 +84,7 @@ async def test_connection_info_for_kbclient(served: Served, dev_auth: DevAuthSer
     assert conn is not None
     assert (conn.profile, conn.username, conn.token) == ("prod", "alice", ALICE_TOKEN)
     assert conn.auth_url == dev_auth.url and not conn.stale and conn.expires is not None
-    assert conn.token_source == "kbdaemon (file)"
+    assert conn.token_source == "file"
     assert ALICE_TOKEN not in repr(conn)
     health = await served.get("/v1/health")
     assert health is not None and health["pid"] == os.getpid() and health["status"] == "ok"
