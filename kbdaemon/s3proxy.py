@@ -37,8 +37,7 @@ __all__ = ["S3Proxy", "S3ProxyError"]
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024
-_READ_BUFSIZE = 256 * 1024
+_READ_BUFSIZE = 1024 * 1024
 _SMALL_BODY = 64 * 1024
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
@@ -315,7 +314,7 @@ class S3Proxy:
         await response.prepare(request)
         sent = 0
         try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
                 sent += len(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
