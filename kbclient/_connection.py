@@ -28,13 +28,13 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from urllib.parse import quote
 
 from kbclient._auth2 import TokenCache, format_date, normalize_auth_url
 from kbclient._authclient import SyncKBaseAuthClient
 from kbclient._daemon import DaemonAnswerError, fetch_connection
-from kbclient._errors import AuthUnavailableError, KBaseError
+from kbclient._errors import LOGIN_HINT, AuthUnavailableError, KBaseError, TokenExpiredError
 from kbclient._profiles import load_config
 from kbclient._tokens import SOURCE_DAEMON, find_token
 
@@ -61,6 +61,10 @@ def shared_auth_client(auth_url: str) -> SyncKBaseAuthClient:
 def clear_auth_cache() -> None:
     """Forget every cached Auth2 answer of the shared clients (for tests and benchmarks)."""
     _cache.clear()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def mask_url(url: str) -> str:
@@ -167,6 +171,11 @@ def resolve_connection(
 
     daemon_fits = daemon is not None and normalize_auth_url(daemon.auth_url) == final_auth
     mfa: str | None = None
+    if daemon is not None and daemon.expires is not None and daemon.expires <= _now():
+        raise TokenExpiredError(
+            f"the token from kbdaemon expired on {format_date(daemon.expires)}; {LOGIN_HINT}",
+            expired=daemon.expires,
+        )
     if daemon is not None and daemon_fits and not daemon.stale:
         username, expires = daemon.username, daemon.expires
     else:

@@ -275,3 +275,8 @@ def test_daemon_reporting_an_expired_token() -> None:
 
     with pytest.raises(kbclient.TokenExpiredError, match="expired on 2025-01-02"):
         find_token(None, "prod", environ={}, fetch=expired, keyring_reader=lambda p: None)
+
+
+def test_unknown_profile_is_a_kbase_error() -> None:
+    with pytest.raises(kbclient.ProfileError, match="unknown profile 'nope'; known: appdev, ci"):
+        kbclient.get_connection_info(token="T", profile="nope")

@@ -419,3 +419,16 @@ def test_keyring_that_never_answers_does_not_hang() -> None:
     finally:
         release.set()
         keyring.set_keyring(previous)
+
+
+def test_daemon_answer_for_an_expired_token_says_when(
+    auth: DevAuthServer, kbproxy: KbproxyServer, daemon_socket: DaemonSocket
+) -> None:
+    answer = daemon_answer(kbproxy, auth, ALICE_TOKEN)
+    answer["expires"] = 1_700_000_000_000
+    daemon_socket.answers["prod"] = answer
+    with pytest.raises(TokenExpiredError, match="kbdaemon expired on 2023-11-14 22:13 UTC"):
+        create_spark_session()
+    daemon_socket.answers["prod"] = (401, "TOKEN_EXPIRED", "the token expired on 2023-11-14")
+    with pytest.raises(TokenExpiredError, match="kbdaemon: the token expired on 2023-11-14"):
+        create_spark_session()
