@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,10 @@ from typing import Any
 import keyring.core
 import pytest
 
+import testbed.keyring
 from kbdaemon.paths import DaemonPaths
 from kbdaemon.process import _wait_gone, is_daemon_process
 from testbed.auth import DevAuthServer
-from testbed.procs import ChildProcess
-
-KEYRING_PASSWORD = "kbdaemon-test-keyring"
 
 
 @dataclass
@@ -112,44 +108,14 @@ def kbdaemon(isolated_environment: Path, dev_auth: DevAuthServer) -> Iterator[Kb
 @pytest.fixture
 def secret_service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A private session bus with an unlocked gnome-keyring; the keyring backend SecretService."""
-    missing = [p for p in ("dbus-daemon", "gnome-keyring-daemon") if shutil.which(p) is None]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not found: install the Debian packages dbus and "
-            "gnome-keyring (listed in tools/debian-packages.txt; `make test` installs them)"
-        )
-    bus_path = tmp_path / "bus"
-    address = f"unix:path={bus_path}"
-    bus = ChildProcess(
-        ["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}"],
-        log_path=tmp_path / "dbus.log",
-    )
-    keyring_proc: subprocess.Popen[bytes] | None = None
-    log = open(tmp_path / "gnome-keyring.log", "wb")  # noqa: SIM115 - closed below
     try:
-        bus.wait_until(bus_path.exists, timeout=10, what="dbus-daemon")
-        monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", address)
-        keyring_proc = subprocess.Popen(
-            ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            start_new_session=True,
-        )
-        assert keyring_proc.stdin is not None
-        keyring_proc.stdin.write(KEYRING_PASSWORD.encode())
-        keyring_proc.stdin.close()
-        monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.SecretService.Keyring")
-        _wait_for_secret_service(keyring_proc)
-        keyring.core.init_backend()  # keyring picks its backend once per process
-        yield address
-    finally:
-        if keyring_proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(keyring_proc.pid, signal.SIGTERM)
-            keyring_proc.wait(10)
-        log.close()
-        bus.stop()
+        with testbed.keyring.secret_service(tmp_path / "secret-service") as env:
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            keyring.core.init_backend()  # keyring picks its backend once per process
+            yield env["DBUS_SESSION_BUS_ADDRESS"]
+    except testbed.keyring.SecretServiceMissing as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(autouse=True)
@@ -159,27 +125,5 @@ def keyring_backend_from_environment() -> Iterator[None]:
     yield
 
 
-def _wait_for_secret_service(proc: subprocess.Popen[bytes]) -> None:
-    import secretstorage
-
-    deadline = time.monotonic() + 15
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gnome-keyring-daemon exited with code {proc.returncode}")
-        try:
-            with contextlib.closing(secretstorage.dbus_init()) as conn:
-                collection = secretstorage.get_default_collection(conn)
-                if not collection.is_locked():
-                    return
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"gnome-keyring did not come up unlocked: {last}")
-
-
 def lock_secret_service() -> None:
-    import secretstorage
-
-    with contextlib.closing(secretstorage.dbus_init()) as conn:
-        secretstorage.get_default_collection(conn).lock()
+    testbed.keyring.lock(os.environ["DBUS_SESSION_BUS_ADDRESS"])
