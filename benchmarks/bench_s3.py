@@ -90,7 +90,11 @@ http {{
             proxy_set_header X-Amz-Security-Token "";
             proxy_set_header amz-sdk-invocation-id "";
             proxy_set_header amz-sdk-request "";
-            proxy_buffering off;
+            proxy_buffering on;
+            proxy_buffer_size 256k;
+            proxy_buffers 16 256k;
+            proxy_busy_buffers_size 512k;
+            proxy_max_temp_file_size 0;
             proxy_read_timeout 300s;
         }}
     }}
@@ -287,7 +291,7 @@ def run(workdir: Path) -> None:
     with s3_stack(base, via_front=False) as (s3, emulator):
         print("uploading the 1 GiB object ...", flush=True)
         put_large_object(s3.client(), KEY, SIZE)
-        proxy = start_proxy_process(base, emulator.url)
+        proxy = start_proxy_process(base, emulator.url, verbose=False)
         nginx, nginx_url = start_nginx(base / "nginx", emulator.port)
         try:
             endpoints = {"proxy": proxy.endpoint, "nginx": nginx_url}

@@ -305,7 +305,8 @@ class Emulator:
             if k.lower().startswith("x-amz-")
             and k.lower() not in ("x-amz-date", "x-amz-security-token")
         )
-        headers.setdefault("X-Amz-Content-SHA256", hashlib.sha256(body).hexdigest())
+        if not any(k.lower() == "x-amz-content-sha256" for k in headers):
+            headers["X-Amz-Content-SHA256"] = hashlib.sha256(body).hexdigest()
         url = self.s3_url + request.raw_path
         aws = AWSRequest(method=request.method, url=url, headers=headers, data=body)
         S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", REGION).add_auth(aws)
@@ -468,10 +469,15 @@ class ProxyProcess:
         self.child.stop()
 
 
-def start_proxy_process(workdir: Path, upstream: str, *extra: str) -> ProxyProcess:
-    """`kbdaemon s3-proxy` on a free port, allowed to follow http URLs to 127.0.0.1."""
-    argv = [sys.executable, "-m", "kbdaemon", "s3-proxy", "--upstream", upstream, "-v"]
-    argv += ["--allow-http-host", "127.0.0.1", *extra]
+def start_proxy_process(
+    workdir: Path, upstream: str, *extra: str, verbose: bool = True
+) -> ProxyProcess:
+    """`kbdaemon s3-proxy` on a free port, allowed to follow http URLs to 127.0.0.1.
+
+    ``verbose`` logs a line per request (tests read it); users and benchmarks run without.
+    """
+    argv = [sys.executable, "-m", "kbdaemon", "s3-proxy", "--upstream", upstream]
+    argv += ["--allow-http-host", "127.0.0.1", *extra, *(["-v"] if verbose else [])]
     child = ChildProcess(argv, log_path=workdir / f"s3-proxy-{time.monotonic_ns()}.log")
     found: list[str] = []
 
