@@ -32,8 +32,12 @@ RUNS = 25
 IMPORT_RUNS = 7
 
 
-def _import_time(statement: str) -> float:
-    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+STDLIB = "import json, dataclasses, logging, socket, pathlib, re, typing, datetime, threading"
+
+
+def _import_time(statement: str, setup: str = "pass") -> float:
+    code = f"import time; {setup}; t = time.perf_counter(); {statement}; "
+    code += "print(time.perf_counter() - t)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
@@ -51,13 +55,14 @@ def run(workdir: Path) -> None:
         os.environ.pop(name, None)
 
     imports: dict[str, list[float]] = {}
-    for label, statement in (
-        ("stdlib kbclient uses", "import json, dataclasses, logging, socket, pathlib, re"),
-        ("import kbclient", "import kbclient"),
-        ("import httpx", "import httpx"),
-        ("import pyspark connect", "import pyspark.sql.connect.session"),
+    for label, statement, setup in (
+        ("stdlib kbclient uses", STDLIB, "pass"),
+        ("import kbclient", "import kbclient", "pass"),
+        ("kbclient, stdlib loaded", "import kbclient", STDLIB),
+        ("import httpx", "import httpx", "pass"),
+        ("import pyspark connect", "import pyspark.sql.connect.session", "pass"),
     ):
-        imports[label] = [_import_time(statement) for _ in range(IMPORT_RUNS)]
+        imports[label] = [_import_time(statement, setup) for _ in range(IMPORT_RUNS)]
 
     spark_server = start_spark_connect(workdir / "client-spark")
     auth = start_dev_auth(workdir / "client-auth", {TOKEN: {"user": "alice", "mfa": "Used"}})
