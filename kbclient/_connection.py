@@ -75,6 +75,8 @@ def mask_url(url: str) -> str:
 def spark_url(*, host: str, port: int, use_ssl: bool, token: str, username: str) -> str:
     """The Spark Connect URL for the KBase proxy."""
     host = host.replace("{username}", username)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
     return (
         f"sc://{host}:{port}/;use_ssl={'true' if use_ssl else 'false'};"
         f"x-kbase-token={quote(token, safe='')};user_id={quote(username, safe='')}"

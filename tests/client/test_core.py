@@ -138,6 +138,8 @@ def test_spark_url_quotes_the_token_and_never_uses_token_param() -> None:
     builder = DefaultChannelBuilder(url)
     assert dict(builder.metadata())["x-kbase-token"] == TOKEN
     assert builder.userId == "al" and builder.secure and builder.token is None
+    ipv6 = spark_url(host="::1", port=15002, use_ssl=False, token="t", username="al")
+    assert DefaultChannelBuilder(ipv6).endpoint == "[::1]:15002"
 
 
 @dataclass
