@@ -21,8 +21,6 @@ from testbed.s3 import (
     start_seaweedfs,
 )
 
-__all__ = ["ProxyProcess"]
-
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:

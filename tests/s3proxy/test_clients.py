@@ -19,8 +19,15 @@ from botocore.exceptions import ClientError
 from deltalake import DeltaTable, write_deltalake
 from pyarrow import fs as pafs
 
-from testbed.s3 import ACCESS_KEY, BUCKET, REGION, SECRET_KEY, DeltaLakeProxyEmulator, SeaweedS3
-from tests.s3proxy.conftest import ProxyProcess
+from testbed.s3 import (
+    ACCESS_KEY,
+    BUCKET,
+    REGION,
+    SECRET_KEY,
+    DeltaLakeProxyEmulator,
+    ProxyProcess,
+    SeaweedS3,
+)
 
 pytestmark = pytest.mark.slow
 

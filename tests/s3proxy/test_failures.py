@@ -14,8 +14,7 @@ from botocore.exceptions import ClientError
 
 from kbdaemon import S3Proxy, S3ProxyError, exitcodes
 from testbed.procs import free_port
-from testbed.s3 import BUCKET, DeltaLakeProxyEmulator, SeaweedS3
-from tests.s3proxy.conftest import ProxyProcess
+from testbed.s3 import BUCKET, DeltaLakeProxyEmulator, ProxyProcess, SeaweedS3
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,14 @@ import httpx
 import psutil
 import pytest
 
-from testbed.s3 import BUCKET, DeltaLakeProxyEmulator, SeaweedS3, pattern_sha256, put_large_object
-from tests.s3proxy.conftest import ProxyProcess
+from testbed.s3 import (
+    BUCKET,
+    DeltaLakeProxyEmulator,
+    ProxyProcess,
+    SeaweedS3,
+    pattern_sha256,
+    put_large_object,
+)
 
 pytestmark = pytest.mark.slow
 
