@@ -15,6 +15,11 @@ Protocol, version 1:
   "spark_host", "spark_port", "use_ssl", "s3_endpoint", "expires", "stale", "token_source"}``
   (expires in epoch ms or null; s3_endpoint a URL or null)
 - errors: ``{"error": {"code": "NEEDS_LOGIN", "message": "..."}}`` with a 4xx/5xx status.
+
+Transports: a Unix socket (directory 0700, socket 0600, the peer's uid checked by the daemon);
+on Windows (or with ``KBDAEMON_TRANSPORT=tcp``) loopback TCP instead: the daemon writes
+``{"port", "secret", "pid"}`` to ``kbdaemon.json`` beside the socket path, a file only the user can
+read, and every request carries the secret in ``X-KBDaemon-Secret``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import platformdirs
 from kbclient._profiles import APP_NAME
 
 SOCKET_NAME = "kbdaemon.sock"
+PORT_FILE_NAME = "kbdaemon.json"
+SECRET_HEADER = "X-KBDaemon-Secret"  # noqa: S105 - a header name
 API_VERSION = "v1"
 
 
@@ -42,8 +49,17 @@ def runtime_dir() -> Path:
 
 
 def socket_path() -> Path:
+    """The Unix socket; with the tcp transport the port file lives beside it."""
     override = os.environ.get("KBDAEMON_SOCKET")
     return Path(override) if override else runtime_dir() / SOCKET_NAME
+
+
+def transport() -> str:
+    """``unix`` (the default) or ``tcp`` (Windows, or ``KBDAEMON_TRANSPORT=tcp``)."""
+    value = os.environ.get("KBDAEMON_TRANSPORT", "").lower()
+    if value in ("unix", "tcp"):
+        return value
+    return "tcp" if os.name == "nt" else "unix"
 
 
 class DaemonAnswerError(Exception):
@@ -72,27 +88,39 @@ class DaemonConnection:
     token_source: str
 
 
-def _http_unix(path: Path, method: str, target: str, timeout: float) -> tuple[int, bytes]:
-    """One HTTP/1.1 request over a Unix socket; dependency-free to keep import time low."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(
-            f"{method} {target} HTTP/1.1\r\nHost: kbdaemon\r\nContent-Length: 0\r\n"
-            "Connection: close\r\n\r\n".encode("ascii")
-        )
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
+def _exchange(
+    sock: socket.socket, method: str, target: str, headers: str = ""
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a connected socket; dependency-free to keep import time low."""
+    sock.sendall(
+        f"{method} {target} HTTP/1.1\r\nHost: kbdaemon\r\nContent-Length: 0\r\n{headers}"
+        "Connection: close\r\n\r\n".encode("ascii")
+    )
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
     raw = b"".join(chunks)
     head, _, body = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if len(status_line) < 2 or not status_line[1].isdigit():
         raise OSError("malformed answer from kbdaemon")
-    headers = head.lower()
-    if b"transfer-encoding: chunked" in headers:
+    if b"transfer-encoding: chunked" in head.lower():
         body = _dechunk(body)
     return int(status_line[1]), body
+
+
+def _http_unix(path: Path, method: str, target: str, timeout: float) -> tuple[int, bytes]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        return _exchange(sock, method, target)
+
+
+def _http_tcp(port_file: Path, method: str, target: str, timeout: float) -> tuple[int, bytes]:
+    info = json.loads(port_file.read_text(encoding="utf-8"))
+    port, secret = int(info["port"]), str(info["secret"])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        return _exchange(sock, method, target, f"{SECRET_HEADER}: {secret}\r\n")
 
 
 def _dechunk(body: bytes) -> bytes:
@@ -116,12 +144,21 @@ def request(
     ``TimeoutError`` (an OSError), as does a malformed answer (OSError).
     """
     path = path or socket_path()
-    if not path.exists():
-        return None
-    try:
-        status, body = _http_unix(path, method, target, timeout)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return None
+    if transport() == "tcp":
+        port_file = path.with_name(PORT_FILE_NAME)
+        if not port_file.exists():
+            return None
+        try:
+            status, body = _http_tcp(port_file, method, target, timeout)
+        except (ConnectionRefusedError, FileNotFoundError, KeyError, ValueError):
+            return None
+    else:
+        if not path.exists():
+            return None
+        try:
+            status, body = _http_unix(path, method, target, timeout)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
     data: dict[str, Any] = json.loads(body or b"{}")
     if status >= 400:
         error = data.get("error", {})

@@ -11,12 +11,19 @@ the connection is closed. Handlers translate between the wire and a ``Service`` 
 - ``POST /v1/reload?profile=NAME``    -> read the token store again (after login / logout)
 
 Errors are ``{"error": {"code", "message"}}``; codes are those of kbdaemon.errors.
+
+Where there are no Unix sockets (Windows; or ``KBDAEMON_TRANSPORT=tcp``) ``serve_tcp`` listens on
+a loopback port instead and writes ``{"port", "secret", "pid"}`` to a port file only the user can
+read; a request without that secret in ``X-KBDaemon-Secret`` gets 403 PEER_REFUSED.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
 import logging
 import os
+import secrets
 import socket
 import struct
 import sys
@@ -26,6 +33,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from kbclient._daemon import SECRET_HEADER
 from kbdaemon.errors import KBDaemonError
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ class Service(Protocol):
 
 
 SERVICE_KEY = web.AppKey("service", Service)
+SECRET_KEY = web.AppKey("secret", str)
 
 
 def peer_uid(sock: Any) -> int | None:
@@ -88,9 +97,17 @@ async def same_user_only(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    uid = peer_uid(sock) if sock is not None and sock.family == socket.AF_UNIX else None
-    if uid is None or uid != os.getuid():
-        log.warning("refused a request on the socket from uid %s", uid)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        secret = request.app.get(SECRET_KEY, "")
+        given = request.headers.get(SECRET_HEADER, "")
+        allowed = bool(secret) and hmac.compare_digest(given.encode(), secret.encode())
+        who = "a TCP client without the secret"
+    else:
+        uid = peer_uid(sock) if sock is not None else None
+        allowed = uid is not None and uid == os.getuid()
+        who = f"uid {uid}"
+    if not allowed:
+        log.warning("refused a request on the socket from %s", who)
         response = web.json_response(
             {"error": {"code": "PEER_REFUSED", "message": "this socket serves its owner only"}},
             status=403,
@@ -139,10 +156,11 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SERVICE_KEY].reload(profile))
 
 
-def create_app(service: Service) -> web.Application:
+def create_app(service: Service, *, secret: str = "") -> web.Application:
     """The API application (middlewares check the peer first, then translate errors)."""
     app = web.Application(middlewares=[same_user_only, json_errors])
     app[SERVICE_KEY] = service
+    app[SECRET_KEY] = secret
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/connection", connection)
@@ -173,4 +191,21 @@ async def serve(service: Service, path: Path) -> web.AppRunner:
     await runner.setup()
     sock = bind_unix_socket(path)
     await web.SockSite(runner, sock).start()
+    return runner
+
+
+async def serve_tcp(service: Service, port_file: Path) -> web.AppRunner:
+    """Start the API on a loopback port; its port and a fresh secret go to ``port_file`` (0600)."""
+    secret = secrets.token_urlsafe(32)
+    runner = web.AppRunner(
+        create_app(service, secret=secret), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = int(runner.addresses[0][1])
+    tmp = port_file.with_name(f".{port_file.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump({"port": port, "secret": secret, "pid": os.getpid()}, out)
+    os.replace(tmp, port_file)
     return runner

@@ -102,13 +102,13 @@ def check_socket(paths: DaemonPaths) -> list[Finding]:
             Finding(
                 "daemon",
                 "fail",
-                f"process {running.pid} does not answer on {paths.socket}",
+                f"process {running.pid} does not answer on {paths.endpoint}",
                 "kbdaemon restart",
             )
         )
     else:
         findings.append(Finding("daemon", "ok", f"running, pid {running.pid}"))
-    for path, wanted in ((paths.runtime_dir, 0o700), (paths.socket, 0o600)):
+    for path, wanted in ((paths.runtime_dir, 0o700), (paths.endpoint, 0o600)):
         try:
             info = path.stat()
         except FileNotFoundError:

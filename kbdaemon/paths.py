@@ -1,7 +1,8 @@
 """Where kbdaemon keeps its files, from platformdirs, read once at the edge.
 
-- runtime dir (socket, pid file): ``KBDAEMON_SOCKET`` overrides the socket path; the pid file
-  lives beside the socket. The directory is made 0700 and must belong to the user.
+- runtime dir (socket, pid file, the TCP transport's port file): ``KBDAEMON_SOCKET`` overrides
+  the socket path; the other two live beside it. The directory is made 0700 and must belong
+  to the user.
 - data dir: the opt-in plaintext token file (``tokens.json``, 0600).
 - log dir: ``kbdaemon.log``, rotated.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import platformdirs
 
-from kbclient._daemon import socket_path
+from kbclient._daemon import PORT_FILE_NAME, socket_path, transport
 from kbclient._profiles import APP_NAME
 from kbdaemon.errors import DaemonStartError
 
@@ -32,6 +33,16 @@ class DaemonPaths:
     @property
     def runtime_dir(self) -> Path:
         return self.socket.parent
+
+    @property
+    def port_file(self) -> Path:
+        """Port and secret of the loopback TCP transport (Windows), beside the socket path."""
+        return self.socket.with_name(PORT_FILE_NAME)
+
+    @property
+    def endpoint(self) -> Path:
+        """The file a client finds the daemon by: the socket, or the TCP transport's port file."""
+        return self.port_file if transport() == "tcp" else self.socket
 
     @property
     def log_file(self) -> Path:

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import psutil
 
-from kbclient._daemon import DaemonAnswerError, request
+from kbclient._daemon import DaemonAnswerError, request, transport
 from kbclient._profiles import Config
 from kbdaemon import api
 from kbdaemon.daemon import Daemon, KBaseChecker
@@ -120,12 +120,10 @@ class PidLock:
     """The pid file, held with an exclusive flock for the daemon's lifetime."""
 
     def __init__(self, paths: DaemonPaths) -> None:
-        import fcntl
-
         self.path = paths.pid_file
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_file(fd)
         except OSError:
             os.close(fd)
             pid = read_pid(paths)
@@ -144,16 +142,40 @@ class PidLock:
         os.close(self.fd)
 
 
-def claim_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse when a live process answers on it."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if socket_answers(path):
+def _lock_file(fd: int) -> None:
+    """An exclusive, non-blocking lock the OS drops when the process dies; OSError if taken."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def claim_socket(paths: DaemonPaths) -> None:
+    """Remove a stale socket (or port file); refuse when a live process answers on it."""
+    if transport() == "tcp":
+        path = paths.port_file
+        answers = path.exists() and _answers_health(paths)
+    else:
+        path = paths.socket
+        answers = (path.exists() or path.is_symlink()) and socket_answers(path)
+    if answers:
         raise AlreadyRunningError(
             f"another process answers on {path}; stop it (`kbdaemon stop`) or set KBDAEMON_SOCKET"
         )
-    log.info("removing the stale socket %s", path)
-    path.unlink()
+    if path.exists() or path.is_symlink():
+        log.info("removing the stale socket %s", path)
+        path.unlink()
+
+
+def _answers_health(paths: DaemonPaths) -> bool:
+    try:
+        return request("/v1/health", path=paths.socket, timeout=1.0) is not None
+    except (DaemonAnswerError, OSError, ValueError):
+        return True  # something answers, even if not as a daemon should
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -166,7 +188,7 @@ def run_daemon(
     ensure_private_dir(paths.runtime_dir)
     lock = PidLock(paths)
     try:
-        claim_socket(paths.socket)
+        claim_socket(paths)
         secrets = next(
             (
                 f
@@ -196,24 +218,31 @@ async def _serve(
         keystore=keystore,
         checker=KBaseChecker(),
         on_secret=secrets.secrets.add,
-        socket_path=str(paths.socket),
+        socket_path=str(paths.endpoint),
         settings=load_settings(),
     )
     await daemon.start()
+    endpoint = paths.endpoint
     try:
-        runner = await api.serve(daemon, paths.socket)
+        if transport() == "tcp":
+            runner = await api.serve_tcp(daemon, paths.port_file)
+        else:
+            runner = await api.serve(daemon, paths.socket)
     except OSError as exc:
         await daemon.close()
-        raise DaemonStartError(f"cannot listen on {paths.socket}: {exc.strerror or exc}") from None
-    inode = paths.socket.stat().st_ino
+        raise DaemonStartError(f"cannot listen on {endpoint}: {exc.strerror or exc}") from None
+    inode = endpoint.stat().st_ino
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.stop)
+        try:
+            loop.add_signal_handler(sig, daemon.stop)
+        except NotImplementedError:  # Windows
+            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(daemon.stop))
     log.info(
         "kbdaemon %s running, pid %d, socket %s%s",
         daemon.health()["version"],
         os.getpid(),
-        paths.socket,
+        endpoint,
         "".join(f", S3 proxy {n} at {p.endpoint}" for n, p in daemon.proxies.items()),
     )
     if ready is not None:
@@ -226,8 +255,8 @@ async def _serve(
         await runner.cleanup()
         await daemon.close()
         with contextlib.suppress(OSError):
-            if paths.socket.stat().st_ino == inode:
-                paths.socket.unlink()
+            if endpoint.stat().st_ino == inode:
+                endpoint.unlink()
         log.info("stopped")
 
 
@@ -276,24 +305,27 @@ def start_detached(
         raise AlreadyRunningError(
             f"kbdaemon is already running (pid {running.pid})", pid=running.pid
         )
-    read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "kbdaemon", "run", "--ready-fd", str(write_end), "--quiet"]
-    try:
-        child = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            pass_fds=(write_end,),
-            start_new_session=True,
-            env=env,
-        )
-    finally:
-        os.close(write_end)
-    try:
-        line = _read_line(read_end, timeout)
-    finally:
-        os.close(read_end)
+    if os.name == "nt":
+        line, child = _start_windows(paths, timeout, env)
+    else:
+        read_end, write_end = os.pipe()
+        argv = [sys.executable, "-m", "kbdaemon", "run", "--ready-fd", str(write_end), "--quiet"]
+        try:
+            child = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(write_end,),
+                start_new_session=True,
+                env=env,
+            )
+        finally:
+            os.close(write_end)
+        try:
+            line = _read_line(read_end, timeout)
+        finally:
+            os.close(read_end)
     if line.startswith("ready "):
         return int(line.split()[1])
     if line.startswith("error "):
@@ -309,6 +341,30 @@ def start_detached(
     raise DaemonStartError(
         f"kbdaemon exited with code {child.returncode} while starting; see {paths.log_file}"
     )
+
+
+def _start_windows(
+    paths: DaemonPaths, timeout: float, env: dict[str, str] | None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """No inheritable pipes for select() on Windows: start detached, then ask until it answers."""
+    flags = getattr(subprocess, "DETACHED_PROCESS", 0) | getattr(
+        subprocess, "CREATE_NEW_PROCESS_GROUP", 0
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-m", "kbdaemon", "run", "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        creationflags=flags,
+        env=env,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        running = find_daemon(paths)
+        if running is not None and running.answering:
+            return f"ready {running.pid}", child
+        time.sleep(0.1)
+    return "", child
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -341,8 +397,8 @@ def stop_daemon(paths: DaemonPaths, *, timeout: float = 15.0) -> int:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         _wait_gone(pid, timeout)
-    for leftover in (paths.socket, paths.pid_file):
-        if leftover.exists() and not socket_answers(paths.socket):
+    for leftover in (paths.socket, paths.port_file, paths.pid_file):
+        if leftover.exists() and find_daemon(paths) is None:
             with contextlib.suppress(OSError):
                 leftover.unlink()
     return pid

@@ -70,7 +70,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         return exitcodes.OK
     except KBDaemonError as exc:
         return fail(exc)
-    print(f"kbdaemon started (pid {pid}); socket {paths.socket}; log {paths.log_file}")
+    print(f"kbdaemon started (pid {pid}); socket {paths.endpoint}; log {paths.log_file}")
     return exitcodes.OK
 
 
@@ -149,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except KBDaemonError as exc:
         return fail(exc)
     data.update(
-        socket=str(paths.socket),
+        socket=str(paths.endpoint),
         log_file=str(paths.log_file),
         autostart_installed=autostart.autostart_installed(),
     )
