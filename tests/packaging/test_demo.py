@@ -57,6 +57,7 @@ def test_demo_runs_every_step_and_stops_everything(tmp_path: Path) -> None:
     assert "token from kbdaemon" in out
     assert "499999500000" in out  # the query ran on the Spark server, through kbproxy
     assert "ExecutePlan" in out  # ... as kbproxy's own stats say
+    assert "(the daemon's S3 proxy)" in out
     assert "1000 rows, equal to what was written" in out
     assert "kbdaemon stopped" in out
     assert re.search(r"DEMO[0-9a-f]{6,}", out) is None  # the token is never printed in full
