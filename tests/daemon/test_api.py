@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,29 @@ async def test_another_user_is_refused_even_when_the_socket_is_reachable(served:
     answer = await asyncio.to_thread(_as_other_user, served.socket)
     assert answer.startswith("HTTP/1.1 403") and "PEER_REFUSED" in answer
     assert ALICE_TOKEN not in answer
+
+
+async def test_an_expiring_token_shows_one_desktop_notification(
+    tmp_path: Path, dev_auth: DevAuthServer
+) -> None:
+    soon = "SOONTOKEN0123456789abcdef"
+    expires_ms = int(time.time() * 1000) + 2 * 86400_000
+    dev_auth.write_tokens({soon: {"user": "alice", "mfa": "Used", "expires": expires_ms}})
+    store = FileStore(path=tmp_path / "tokens.json")
+    store.set("prod", soon)
+    shown: list[tuple[str, str]] = []
+    daemon = Daemon(
+        config=make_config(dev_auth),
+        keystore=Keystore(keyring_store=FileStore(path=tmp_path / "k.json"), file_store=store),
+        checker=KBaseChecker(),
+        notify=lambda title, text: shown.append((title, text)),
+    )
+    await daemon.start()
+    try:
+        await daemon.reload("prod")  # a second check the same day: no second notification
+    finally:
+        await daemon.close()
+    assert len(shown) == 1
+    title, text = shown[0]
+    assert title == "KBase token expires soon" and "expires in 2.0 days" in text
+    assert soon not in text
