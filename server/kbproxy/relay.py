@@ -149,13 +149,21 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.sessions = sessions
         self.connect_timeout = connect_timeout
         self.observer = observer or CallObserver()
+        known = UNARY_METHODS | SERVER_STREAMING_METHODS | {"AddArtifacts"}
+        self._known = {PREFIX + m: self._handler(PREFIX + m, m) for m in known}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         path: str = handler_call_details.method
+        known = self._known.get(path)
+        if known is not None:
+            return known
         if not path.startswith(PREFIX) or "/" in (method := path[len(PREFIX) :]) or not method:
             return None
+        return self._handler(path, method)
+
+    def _handler(self, path: str, method: str) -> grpc.RpcMethodHandler:
         if method in UNARY_METHODS:
 
             async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes | None:
@@ -186,7 +194,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             if ids.session_id:
                 raise Unauthenticated(
                     f"{method} without a token for a session this proxy has not seen "
-                    "(or not recently): upgrade pyspark to 4.1 or later, or retry the query"
+                    "(or not recently): upgrade pyspark (4.3 sends the token with it), or retry"
                 )
         identity = await self.authenticator.authenticate(token)
         return Route(identity.username, self.router.address_for(identity.username))

@@ -63,6 +63,8 @@ class Stats(CallObserver):
         self._bytes = PCounter(
             "kbproxy_message_bytes", "Message bytes relayed", ["direction"], registry=self.registry
         )
+        self._bytes_in, self._bytes_out = self._bytes.labels("in"), self._bytes.labels("out")
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._active = Gauge("kbproxy_active_calls", "Calls in progress", registry=self.registry)
         self.registry.register(_Snapshot(self))
 
@@ -81,10 +83,16 @@ class Stats(CallObserver):
         self.calls[(record.method, code)] += 1
         self.bytes_in += record.bytes_in
         self.bytes_out += record.bytes_out
-        self._calls.labels(record.method, code).inc()
-        self._duration.labels(record.method).observe(record.duration)
-        self._bytes.labels("in").inc(record.bytes_in)
-        self._bytes.labels("out").inc(record.bytes_out)
+        children = self._children.get((record.method, code))
+        if children is None:
+            children = self._children[(record.method, code)] = (
+                self._calls.labels(record.method, code),
+                self._duration.labels(record.method),
+            )
+        children[0].inc()
+        children[1].observe(record.duration)
+        self._bytes_in.inc(record.bytes_in)
+        self._bytes_out.inc(record.bytes_out)
         fields = {
             "user": record.user,
             "method": record.method,

@@ -72,8 +72,30 @@ def _text(value: memoryview | None) -> str | None:
         return None
 
 
+def _quick(message: bytes) -> RequestIds | None:
+    """The common layout (field 1, then field 2 starting with its field 1), short lengths."""
+    if len(message) < 4 or message[0] != 0x0A or message[1] >= 0x80:
+        return None
+    end = 2 + message[1]
+    if len(message) < end + 4 or message[end] != 0x12 or message[end + 1] >= 0x80:
+        return None
+    if message[end + 2] != 0x0A or message[end + 3] >= 0x80:
+        return None
+    user_end = end + 4 + message[end + 3]
+    if user_end > end + 2 + message[end + 1] or user_end > len(message):
+        return None
+    try:
+        session_id = message[2:end].decode("utf-8")
+        user_id = message[end + 4 : user_end].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return RequestIds(session_id or None, user_id or None)
+
+
 def read_request_ids(message: bytes) -> RequestIds:
     """Session id (field 1) and ``user_context.user_id`` (field 2.1) of a request message."""
+    if (quick := _quick(message)) is not None:
+        return quick
     try:
         top = _fields(message, frozenset((1, 2)))
         user_id = None
