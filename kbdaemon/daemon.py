@@ -32,7 +32,7 @@ from kbclient import (
 from kbclient._profiles import Config, Profile, ProfileError
 from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
-from kbdaemon.errors import KeystoreError
+from kbdaemon.errors import KeyringLockedError, KeystoreError
 from kbdaemon.keystore import Keystore
 from kbdaemon.s3proxy import S3Proxy
 from kbdaemon.settings import DaemonSettings
@@ -129,7 +129,14 @@ class Daemon:
         """Read every profile's token, check them, start the S3 proxies. Raises S3ProxyError."""
         for profile in self.profiles_served():
             self.state.profile(profile.name)
-        await asyncio.gather(*(self._load(p.name) for p in self.profiles_served()))
+        # One after the other: a locked keyring then asks to be unlocked once, not per profile.
+        for profile in self.profiles_served():
+            error = await self._load(profile.name)
+            if isinstance(error, KeyringLockedError):
+                for rest in self.profiles_served():
+                    if self.state.profile(rest.name).token is None:
+                        self.state.profile(rest.name).store_failed(error, now=self.clock())
+                break
         await self._check_due()
         try:
             for profile in self.profiles_served():
@@ -170,7 +177,7 @@ class Daemon:
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    async def _load(self, name: str) -> None:
+    async def _load(self, name: str) -> KeystoreError | None:
         state = self.state.profile(name)
         self._last_reload[name] = self.clock()
         try:
@@ -178,14 +185,15 @@ class Daemon:
         except KeystoreError as exc:
             log.warning("profile %s: cannot read the token: %s", name, exc.message)
             state.store_failed(exc, now=self.clock())
-            return
+            return exc
         if found is None:
             if state.token is not None:
                 log.info("profile %s: the token was removed (logout)", name)
             state.token_missing()
-            return
+            return None
         self.on_secret(found.token)
         state.token_loaded(found.token, kind=found.kind, where=found.where, now=self.clock())
+        return None
 
     async def _validate(self, state: ProfileState) -> None:
         token = state.token

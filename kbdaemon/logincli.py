@@ -85,6 +85,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         return _login(args)
     except KBDaemonError as exc:
         return fail(exc)
+    except ValueError as exc:  # an unknown profile
+        return fail(CLIError(str(exc)))
 
 
 def _login(args: argparse.Namespace) -> int:

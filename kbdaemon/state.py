@@ -11,7 +11,7 @@ never sleeps or polls: ``next_wake`` is the earliest time any profile needs atte
                             |  \\--unreachable--> UNREACHABLE (retry with backoff)
                             |                       VALID --unreachable--> STALE (serves last info)
                             \\--rejected--> REVOKED          any --expiry passed--> EXPIRED
-    store failed -> KEYRING_LOCKED / KEYRING_UNAVAILABLE (retry with backoff)
+    store failed -> KEYRING_UNAVAILABLE (retry with backoff) / KEYRING_LOCKED (retry when asked)
 
 Checks follow Auth2's ``cachefor`` (clamped to 30 s .. 1 h), and also wake at the expiry and at
 the start of the warning window (7 days before expiry).
@@ -120,10 +120,14 @@ class ProfileState:
         if self.token is not None:  # keep serving what was read before
             self.last_error = error.message
             return
-        locked = isinstance(error, KeyringLockedError)
-        self.status = Status.KEYRING_LOCKED if locked else Status.KEYRING_UNAVAILABLE
         self.last_error = error.message
-        self._retry(now)
+        if isinstance(error, KeyringLockedError):
+            # No timed retry: each attempt may pop up an unlock prompt. A request or a reload
+            # (`kbdaemon login`, kbclient asking) tries again.
+            self.status, self.wake_at = Status.KEYRING_LOCKED, None
+        else:
+            self.status = Status.KEYRING_UNAVAILABLE
+            self._retry(now)
 
     def accepted(self, facts: TokenFacts, *, now: float) -> None:
         self.user = facts.user

@@ -119,6 +119,8 @@ def test_login_without_a_keyring_says_what_to_do(kbdaemon: Kbdaemon) -> None:
     assert "did not keep the token" in result.stderr and "--insecure-storage" in result.stderr
     empty = kbdaemon("login", "--with-token", input="\n")
     assert empty.returncode == 1 and "no token given" in empty.stderr
+    unknown = kbdaemon("login", "--with-token", "--profile", "nope", input=ALICE_TOKEN + "\n")
+    assert unknown.returncode == 1 and "unknown profile 'nope'" in unknown.stderr
 
 
 def test_login_when_auth2_is_down_stores_nothing(
