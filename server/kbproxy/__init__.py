@@ -1,7 +1,58 @@
-"""kbproxy: the cluster-side Spark Connect gRPC proxy of kbase-spark-connect."""
+"""kbproxy: the cluster-side Spark Connect gRPC proxy of kbase-spark-connect.
+
+Each call is authenticated with the caller's KBase token (Auth2, cached) and relayed, as raw
+bytes, to the caller's own Spark Connect server, chosen from the validated username. The
+command line is `kbproxy serve` (and `kbproxy dev-auth` for development); this package's public
+surface is what `__all__` lists.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from kbproxy.auth import Auth2Client, Authenticator, Identity, MfaPolicy, TokenCache
+from kbproxy.errors import (
+    AuthUnavailable,
+    BackendUnavailable,
+    ConfigError,
+    PermissionDenied,
+    ProxyError,
+    Unauthenticated,
+    Unavailable,
+)
+from kbproxy.pool import ChannelPool
+from kbproxy.relay import CallObserver, CallRecord, Relay
+from kbproxy.routing import Router, SessionRoute, SessionRoutes, sanitize_username
+from kbproxy.server import ProxyServer, Settings, serve
+from kbproxy.stats import Stats
+from kbproxy.wire import RequestIds, read_request_ids
+
+__all__ = [
+    "Auth2Client",
+    "AuthUnavailable",
+    "Authenticator",
+    "BackendUnavailable",
+    "CallObserver",
+    "CallRecord",
+    "ChannelPool",
+    "ConfigError",
+    "Identity",
+    "MfaPolicy",
+    "PermissionDenied",
+    "ProxyError",
+    "ProxyServer",
+    "Relay",
+    "RequestIds",
+    "Router",
+    "SessionRoute",
+    "SessionRoutes",
+    "Settings",
+    "Stats",
+    "TokenCache",
+    "Unauthenticated",
+    "Unavailable",
+    "__version__",
+    "read_request_ids",
+    "sanitize_username",
+    "serve",
+]

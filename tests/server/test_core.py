@@ -264,3 +264,11 @@ def test_proxy_errors_carry_their_status_codes() -> None:
     assert Unauthenticated("x").code == grpc.StatusCode.UNAUTHENTICATED
     assert PermissionDenied("x").code == grpc.StatusCode.PERMISSION_DENIED
     assert AuthUnavailable("x").code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_public_surface_is_exported() -> None:
+    import kbproxy
+
+    for name in kbproxy.__all__:
+        assert getattr(kbproxy, name) is not None, name
+    assert not [n for n in kbproxy.__all__ if n.startswith("_") and n != "__version__"]
