@@ -185,6 +185,14 @@ class WriteFile:
 
 
 @dataclass(frozen=True)
+class MakeDir:
+    path: Path
+
+    def describe(self) -> str:
+        return f"create the directory {self.path}"
+
+
+@dataclass(frozen=True)
 class RunCommand:
     argv: tuple[str, ...]
     check: bool = True  # a failure stops the plan
@@ -209,7 +217,7 @@ class DeleteStoredToken:
         return f"delete the token of profile {self.profile!r} from the keyring"
 
 
-Action = WriteFile | RunCommand | RemovePath | DeleteStoredToken
+Action = WriteFile | MakeDir | RunCommand | RemovePath | DeleteStoredToken
 
 
 def _stop_by_hand(target: Target) -> RunCommand:
@@ -231,6 +239,7 @@ def plan_install(target: Target) -> list[Action]:
         domain = f"gui/{target.uid}"
         return [
             WriteFile(path, render_launchd_plist(target).encode("utf-8")),
+            MakeDir(launchd_log_file(target).parent),  # launchd opens the log, makes no dirs
             _stop_by_hand(target),
             RunCommand(("launchctl", "bootout", f"{domain}/{LAUNCHD_LABEL}"), check=False),
             RunCommand(("launchctl", "enable", f"{domain}/{LAUNCHD_LABEL}")),
@@ -336,6 +345,8 @@ def execute(
             tmp.write_bytes(action.content)
             tmp.replace(action.path)
             report.append(f"wrote {action.path}")
+        elif isinstance(action, MakeDir):
+            action.path.mkdir(parents=True, exist_ok=True)
         elif isinstance(action, RunCommand):
             result = runner(action.argv)
             if result.returncode != 0 and action.check:

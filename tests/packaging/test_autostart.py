@@ -199,6 +199,8 @@ def test_install_uninstall_round_trip(
     ]
     assert runner.commands == [stop, *expected]
     assert f"wrote {service_file}" in report
+    if platform == "macos":  # launchd writes its log there but makes no directory
+        assert (home / "Library/Logs/kbase-spark-connect").is_dir()
 
     runtime = home / "run"
     runtime.mkdir()
