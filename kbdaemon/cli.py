@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kbdaemon import __version__, autostart, doctor, logincli, runcli, s3cli
+from kbdaemon import __version__, autostartcli, doctor, logincli, runcli, s3cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     runcli.register(sub)
     doctor.register(sub)
     s3cli.register(sub)
-    autostart.register(sub)
+    autostartcli.register(sub)
     return parser
 
 
