@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import secrets
+import time
 import uuid
 from pathlib import Path
 
@@ -251,3 +252,32 @@ def test_tokens_never_appear_in_logs_stats_or_metrics(kbproxy: KbproxyServer) ->
     for token in (ALICE_TOKEN, BOB_TOKEN, NOMFA_TOKEN, EXPIRED_TOKEN, "not-a-token"):
         for output in outputs:
             assert token not in output
+
+
+def test_client_cancellation_ends_the_relayed_call(kbproxy: KbproxyServer) -> None:
+    from pyspark.sql.connect.proto import base_pb2
+
+    session = str(uuid.uuid4())
+    plan = base_pb2.Plan()
+    plan.root.sql.query = "SELECT id FROM range(0, 1000000000, 1, 2)"
+    request = base_pb2.ExecutePlanRequest(
+        session_id=session,
+        user_context=base_pb2.UserContext(user_id="alice"),
+        operation_id=str(uuid.uuid4()),
+        plan=plan,
+    )
+    with grpc.insecure_channel(kbproxy.address) as channel:
+        execute = channel.unary_stream("/spark.connect.SparkConnectService/ExecutePlan")
+        stream = execute(request.SerializeToString(), metadata=(("x-kbase-token", ALICE_TOKEN),))
+        next(stream)
+        stream.cancel()
+    deadline = time.monotonic() + 10
+    while "ExecutePlan CANCELLED" not in kbproxy.child.log_text():
+        assert time.monotonic() < deadline, "the proxy did not end the cancelled call"
+        time.sleep(0.05)
+    interrupt = base_pb2.InterruptRequest(
+        session_id=session,
+        user_context=base_pb2.UserContext(user_id="alice"),
+        interrupt_type=base_pb2.InterruptRequest.INTERRUPT_TYPE_ALL,
+    )
+    raw_call(kbproxy.address, "Interrupt", interrupt.SerializeToString(), token=ALICE_TOKEN)
