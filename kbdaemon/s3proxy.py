@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _READ_BUFSIZE = 1024 * 1024
 _SMALL_BODY = 64 * 1024
+_SHUTDOWN_GRACE = 2.0  # seconds in-flight transfers get when the proxy closes
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 
 
@@ -129,7 +130,11 @@ class S3Proxy:
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, handler_cancellation=True
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=_SHUTDOWN_GRACE,
         )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
@@ -164,7 +169,10 @@ class S3Proxy:
         )
 
     async def close(self) -> None:
-        """Stop serving and close pooled connections; safe to call twice."""
+        """Stop serving, give in-flight transfers a few seconds, close pooled connections.
+
+        Safe to call twice.
+        """
         runner, self._runner = self._runner, None
         session, self._session = self._session, None
         if runner is not None:

@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from kbdaemon import S3Proxy
 from testbed.s3 import (
     BUCKET,
     DeltaLakeProxyEmulator,
@@ -116,3 +117,24 @@ def test_client_disconnect_mid_body_cancels_the_upstream_request(
         f"{s3_proxy.endpoint}/{BUCKET}/{KEY}", headers={"Range": "bytes=0-99"}, timeout=30
     )
     assert ranged.status_code == 206 and len(ranged.content) == 100
+
+
+async def test_close_ends_in_flight_transfers_promptly(
+    large_object: str, emulator: DeltaLakeProxyEmulator
+) -> None:
+    proxy = S3Proxy(upstream=emulator.url, allow_http_hosts=["127.0.0.1"])
+    await proxy.start()
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        http.stream("GET", f"{proxy.endpoint}/{BUCKET}/{KEY}") as response,
+    ):
+        assert response.status_code == 200
+        chunks = response.aiter_raw(1 << 20)
+        await anext(chunks)
+        started = time.monotonic()
+        await proxy.close()
+        assert time.monotonic() - started < 10
+        with pytest.raises(httpx.HTTPError):  # the body ends short of Content-Length
+            async for _ in chunks:
+                pass
+    await proxy.close()
