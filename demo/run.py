@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 run_demo(workdir, stack, steps)
             finally:
+                # A second Ctrl-C must not cut the clean-up short.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 print("\nStopping everything the demo started ...", flush=True)
     except KeyboardInterrupt:
         print("interrupted: everything the demo started has been stopped", flush=True)

@@ -66,30 +66,37 @@ def test_demo_runs_every_step_and_stops_everything(tmp_path: Path) -> None:
 
 def test_demo_interrupted_stops_what_it_started(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
-    proc = subprocess.Popen(
+    seen: list[str] = []
+    with subprocess.Popen(
         [sys.executable, "-m", "demo", "--workdir", str(workdir)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if "Spark Connect server" in line:
-                break
-        # The JVM is starting: Ctrl-C now must stop it, though it is not ready yet.
-        deadline = time.monotonic() + 30
-        while not any("java" in c for c in leftovers(workdir)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert any("java" in c for c in leftovers(workdir)), "the Spark server never started"
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, "".join(seen) + rest
-    assert "interrupted: everything the demo started has been stopped" in rest
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                seen.append(line)
+                if "Spark Connect server" in line:
+                    break
+            # The JVM is starting: Ctrl-C now must stop it, though it is not ready yet.
+            deadline = time.monotonic() + 30
+            while not any("java" in c for c in leftovers(workdir)):
+                assert time.monotonic() < deadline, "the Spark server never started"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            for line in proc.stdout:
+                seen.append(line)
+                if "Stopping everything" in line:
+                    proc.send_signal(signal.SIGINT)  # a second Ctrl-C changes nothing
+                    break
+            seen.append(proc.stdout.read())  # until the demo exits
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = "".join(seen)
+    assert proc.returncode == 130, output
+    assert "interrupted: everything the demo started has been stopped" in output
     assert wait_gone(workdir) == []
