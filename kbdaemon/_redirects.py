@@ -115,10 +115,12 @@ def is_presigned(url: URL) -> bool:
 
 
 def redacted(url: URL | str) -> str:
-    """A URL fit for logs and errors: scheme, host and path; never the query (signatures)."""
+    """A URL fit for logs and errors: scheme, host and path; never the query (signatures) or
+    a user:password."""
     parts = urlsplit(str(url))
     suffix = "?…" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}{parts.path}{suffix}" if parts.scheme else parts.path
+    netloc = parts.netloc.rpartition("@")[2]  # no user:password
+    return f"{parts.scheme}://{netloc}{parts.path}{suffix}" if parts.scheme else parts.path
 
 
 @dataclass(frozen=True)

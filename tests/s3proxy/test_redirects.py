@@ -167,3 +167,4 @@ def test_host_check_accepts_only_the_proxys_names() -> None:
 def test_redacted_urls_never_show_the_query() -> None:
     assert rd.redacted(SIGV4) == "https://s3.example.org/lake/t/part-0.parquet?…"
     assert rd.redacted(S3) == S3
+    assert rd.redacted("https://user:pw@dlp.example.org/x") == "https://dlp.example.org/x"
