@@ -3,6 +3,7 @@ Spark Connect servers (alice's and bob's) on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from kbclient import (
 from kbclient._tokens import read_keyring
 from testbed.auth import DevAuthServer
 from testbed.procs import free_port
-from testbed.proxy import KbproxyServer
+from testbed.proxy import KbproxyServer, start_kbproxy
 from testbed.spark import SparkConnectServer
 from tests.client.conftest import CLIENT_TOKENS, DAVE_TOKEN, SOON_TOKEN, DaemonSocket, TlsProxy
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, NOMFA_TOKEN
@@ -432,3 +433,95 @@ def test_daemon_answer_for_an_expired_token_says_when(
     daemon_socket.answers["prod"] = (401, "TOKEN_EXPIRED", "the token expired on 2023-11-14")
     with pytest.raises(TokenExpiredError, match="kbdaemon: the token expired on 2023-11-14"):
         create_spark_session()
+
+
+class TcpRelay:
+    """A plain TCP relay on a loopback port to a real Spark server: "dave's server" coming up."""
+
+    def __init__(self, port: int, target_port: int) -> None:
+        self.port, self.target_port = port, target_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await asyncio.wait(self.tasks, timeout=5) if self.tasks else None
+
+    def start(self) -> None:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        self.loop.close()
+
+
+def test_waits_for_a_server_that_is_starting(
+    auth: DevAuthServer,
+    spark_servers: list[SparkConnectServer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dave_port = free_port()
+    proxy = start_kbproxy(
+        tmp_path / "kbproxy",
+        auth_url=auth.url,
+        backend_map={"dave": f"127.0.0.1:{dave_port}"},
+        extra_args=["--no-require-mfa"],
+    )
+    relay = TcpRelay(dave_port, spark_servers[0].port)
+
+    class StartOnFirstWait(logging.Handler):
+        """Dave's server comes up once kbclient has said that it waits for it."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "not ready" in record.getMessage() and not relay.thread.is_alive():
+                relay.start()
+
+    handler = StartOnFirstWait()
+    session_log = logging.getLogger("kbclient._session")
+    session_log.addHandler(handler)
+    caplog.set_level(logging.WARNING, logger="kbclient")
+    try:
+        spark = create_spark_session(token=DAVE_TOKEN, wait_for_server=60, **via_proxy(proxy, auth))
+        try:
+            assert spark.range(4).count() == 4
+        finally:
+            spark.stop()
+    finally:
+        session_log.removeHandler(handler)
+        relay.stop()
+        proxy.stop()
+    waits = [r.getMessage() for r in caplog.records if "not ready" in r.getMessage()]
+    assert waits, "the wait for the starting server was not logged"
+    assert "dave" in waits[0] and DAVE_TOKEN not in caplog.text
