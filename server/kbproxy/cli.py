@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kbproxy import __version__, devauth
-from kbproxy.errors import ConfigError
+from kbproxy.errors import ConfigError, ListenError
 from kbproxy.logs import configure_logging
 from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
 from kbproxy.server import MIB, Settings, serve
@@ -399,6 +399,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
         asyncio.run(serve(settings))
+    except ListenError as exc:
+        print(f"kbproxy serve: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     except ConfigError as exc:
         print(f"kbproxy serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -20,6 +20,10 @@ class ConfigError(ProxyError):
     """The proxy's settings are invalid (raised at start-up, before serving)."""
 
 
+class ListenError(ConfigError):
+    """An address to listen on is taken or not local."""
+
+
 class Unauthenticated(ProxyError):
     """No token, or a token KBase does not accept: get a (new) token."""
 

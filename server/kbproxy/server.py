@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -27,7 +28,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
-from kbproxy.errors import ConfigError
+from kbproxy.errors import ConfigError, ListenError
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
 from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
@@ -143,11 +144,17 @@ class ProxyServer:
                 pair = (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
             except OSError as exc:
                 raise ConfigError(f"cannot read TLS key or certificate: {exc}") from None
-            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+            add_port = functools.partial(
+                server.add_secure_port, server_credentials=grpc.ssl_server_credentials([pair])
+            )
         else:
-            self.port = server.add_insecure_port(address)
+            add_port = server.add_insecure_port
+        try:
+            self.port = add_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise ConfigError(f"cannot listen on {address}: address in use or not local")
+            raise ListenError(f"cannot listen on {address}: the address is in use or not local")
         await server.start()
         self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -158,7 +165,14 @@ class ProxyServer:
             self._runner = web.AppRunner(stats_app(self.stats, self.ready), access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.stats_listen[0], s.stats_listen[1])
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                await server.stop(None)
+                raise ListenError(
+                    f"cannot listen on {s.stats_listen[0]}:{s.stats_listen[1]} (stats): "
+                    f"{exc.strerror}"
+                ) from None
             self.stats_port = self._runner.addresses[0][1]
         self._sweeper = asyncio.create_task(self.pool.run_sweeper())
 

@@ -130,3 +130,24 @@ def test_a_bad_template_is_a_config_error() -> None:
     )
     assert result.returncode == 3
     assert "only {username} and {namespace}" in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--stats-listen"])
+def test_a_taken_port_is_exit_4_naming_it(flag: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--stats-listen" if flag == "--listen" else "--listen"
+        argv = ["serve", flag, f"127.0.0.1:{port}", other, "127.0.0.1:0"]
+        result = subprocess.run(
+            [sys.executable, "-m", "kbproxy", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": ""},
+        )
+    assert result.returncode == 4, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
