@@ -85,6 +85,7 @@ class S3Proxy:
         read_timeout: float = 300.0,
     ) -> None:
         self._upstream = _parse_upstream(upstream)
+        self._upstream_base = str(self._upstream).rstrip("/")
         if not allow_remote and not _is_loopback(host):
             raise S3ProxyError(
                 f"the S3 proxy listens on loopback only, not on {host!r}; "
@@ -249,10 +250,6 @@ class S3Proxy:
             )
         log.warning("%s %s -> %d %s, request id %s", request.method, resource, status, code, rid)
         return _s3errors.error_response(status, code, message, resource=resource, request_id=rid)
-
-    @property
-    def _upstream_base(self) -> str:
-        return str(self._upstream).rstrip("/")
 
     async def _fetch(
         self, request: web.Request, url: URL, has_body: bool
