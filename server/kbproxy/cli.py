@@ -12,29 +12,30 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from kbproxy import __version__, devauth
 from kbproxy.errors import ConfigError, ListenError
 from kbproxy.logs import configure_logging
+from kbproxy.options import (
+    EnvArgs,
+    parse_count,
+    parse_host_port,
+    parse_log_format,
+    parse_log_level,
+    parse_optional_host_port,
+    parse_seconds,
+    parse_size,
+    parse_users,
+)
 from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
 from kbproxy.server import MIB, Settings, serve
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_PORT_IN_USE = 4
-
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """Parse HOST:PORT (IPv6 as [::1]:PORT) for argparse."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _add_dev_auth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -78,102 +79,7 @@ def cmd_dev_auth(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_size(value: str) -> int:
-    """Bytes, optionally with a KiB/MiB/GiB suffix."""
-    text = value.strip()
-    for suffix, factor in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", 1024), ("B", 1)):
-        if text.endswith(suffix):
-            text, scale = text[: -len(suffix)].strip(), factor
-            break
-    else:
-        scale = 1
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a size such as 268435456 or 256MiB, got {value!r}"
-        )
-    return int(text) * scale
-
-
-def parse_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f"expected seconds (a number >= 0), got {value!r}")
-    return seconds
-
-
-def parse_count(value: str) -> int:
-    if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return int(value)
-
-
-def parse_bool(value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
-def parse_optional_host_port(value: str) -> tuple[str, int] | None:
-    return None if value.strip().lower() in ("", "off", "none") else parse_host_port(value)
-
-
-def parse_users(value: str) -> frozenset[str]:
-    return frozenset(u.strip() for u in value.split(",") if u.strip())
-
-
-def env_name(flag: str) -> str:
-    return "KBPROXY_" + flag.lstrip("-").upper().replace("-", "_")
-
-
-class _EnvArgs:
-    """Adds flags whose default comes from ``KBPROXY_<NAME>``, parsed like the flag itself."""
-
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-        self.env_errors: list[str] = []
-
-    def add(
-        self, flag: str, *, type: Any, default: Any, help: str, metavar: str | None = None
-    ) -> None:
-        var = env_name(flag)
-        raw = os.environ.get(var)
-        if raw is not None:
-            try:
-                default = type(raw)
-            except argparse.ArgumentTypeError as exc:
-                self.env_errors.append(f"{var}: {exc}")
-        shown = "%(default)s" if not isinstance(default, frozenset) else ",".join(sorted(default))
-        self.parser.add_argument(
-            flag,
-            type=type,
-            default=default,
-            metavar=metavar,
-            help=f"{help} [env {var}; default {shown or 'none'}]",
-        )
-
-    def add_switch(self, flag: str, *, default: bool, help: str) -> None:
-        var = env_name(flag)
-        raw = os.environ.get(var)
-        if raw is not None:
-            try:
-                default = parse_bool(raw)
-            except argparse.ArgumentTypeError as exc:
-                self.env_errors.append(f"{var}: {exc}")
-        self.parser.add_argument(
-            flag,
-            action=argparse.BooleanOptionalAction,
-            default=default,
-            help=f"{help} [env {var}=true|false; default %(default)s]",
-        )
-
-
-def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> _EnvArgs:
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvArgs:
     p = sub.add_parser(
         "serve",
         help="run the Spark Connect proxy",
@@ -184,7 +90,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> _Env
             "environment variable shown in brackets."
         ),
     )
-    e = _EnvArgs(p)
+    e = EnvArgs(p)
     e.add(
         "--listen",
         type=parse_host_port,
@@ -337,32 +243,20 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> _Env
     e.add("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
     e.add(
         "--log-format",
-        type=_log_format,
+        type=parse_log_format,
         default="text",
         metavar="text|json",
         help="log lines as text or as JSON objects",
     )
     e.add(
         "--log-level",
-        type=_log_level,
+        type=parse_log_level,
         default="INFO",
         metavar="LEVEL",
         help="DEBUG, INFO, WARNING or ERROR",
     )
     p.set_defaults(func=cmd_serve)
     return e
-
-
-def _log_format(value: str) -> str:
-    if value not in ("text", "json"):
-        raise argparse.ArgumentTypeError(f"expected text or json, got {value!r}")
-    return value
-
-
-def _log_level(value: str) -> str:
-    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
-    return value.upper()
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

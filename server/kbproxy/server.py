@@ -29,14 +29,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
 from kbproxy.errors import ConfigError, ListenError
+from kbproxy.options import MIB
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
 from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
 from kbproxy.stats import Stats, stats_app
 
 log = logging.getLogger(__name__)
-
-MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
