@@ -20,6 +20,7 @@ from kbproxy import __version__, devauth
 from kbproxy.errors import ConfigError, ListenError
 from kbproxy.logs import configure_logging
 from kbproxy.options import (
+    MIB,
     EnvArgs,
     parse_count,
     parse_host_port,
@@ -31,7 +32,7 @@ from kbproxy.options import (
     parse_users,
 )
 from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
-from kbproxy.server import MIB, Settings, serve
+from kbproxy.server import Settings, serve
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
