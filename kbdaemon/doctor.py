@@ -20,10 +20,10 @@ from email.utils import parsedate_to_datetime
 from kbclient._profiles import Config, Profile
 from kbdaemon import autostart, exitcodes
 from kbdaemon._cliutil import load_config_or_fail, make_keystore, print_json
+from kbdaemon.control import find_daemon
 from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
 from kbdaemon.keystore import KeyringStore
 from kbdaemon.paths import DaemonPaths
-from kbdaemon.process import find_daemon
 
 TIMEOUT = 5.0
 MAX_SKEW = 60.0

@@ -20,16 +20,9 @@ from kbdaemon._cliutil import (
     print_json,
     when,
 )
+from kbdaemon.control import find_daemon, start_detached, stop_daemon
 from kbdaemon.errors import AlreadyRunningError, KBDaemonError, KeystoreError, NotRunningError
 from kbdaemon.paths import DaemonPaths
-from kbdaemon.process import (
-    find_daemon,
-    report_start_failure,
-    run_daemon,
-    setup_logging,
-    start_detached,
-    stop_daemon,
-)
 
 STATUS_EXIT = {
     "NEEDS_LOGIN": exitcodes.NOT_LOGGED_IN,
@@ -92,6 +85,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from kbdaemon.process import report_start_failure, run_daemon, setup_logging  # aiohttp
+
     ready: IO[bytes] | None = os.fdopen(args.ready_fd, "wb") if args.ready_fd else None
     paths = DaemonPaths.default()
     try:

@@ -46,7 +46,7 @@ def secret_service(workdir: Path) -> Iterator[dict[str, str]]:
     keyring_proc: subprocess.Popen[bytes] | None = None
     log = open(workdir / "gnome-keyring.log", "wb")  # noqa: SIM115 - closed below
     try:
-        bus.wait_until(bus_path.exists, timeout=10, what="dbus-daemon")
+        bus.wait_until(bus_path.exists, timeout=30, what="dbus-daemon")
         keyring_proc = subprocess.Popen(
             ["gnome-keyring-daemon", "--foreground", "--unlock", "--components=secrets"],
             stdin=subprocess.PIPE,
@@ -58,7 +58,7 @@ def secret_service(workdir: Path) -> Iterator[dict[str, str]]:
         assert keyring_proc.stdin is not None
         keyring_proc.stdin.write(PASSWORD.encode())
         keyring_proc.stdin.close()
-        _wait_unlocked(keyring_proc, address)
+        _wait_unlocked(keyring_proc, address, workdir / "gnome-keyring.log")
         yield env
     finally:
         if keyring_proc is not None:
@@ -69,15 +69,18 @@ def secret_service(workdir: Path) -> Iterator[dict[str, str]]:
         bus.stop()
 
 
-def _wait_unlocked(proc: subprocess.Popen[bytes], address: str) -> None:
+def _wait_unlocked(proc: subprocess.Popen[bytes], address: str, log_path: Path) -> None:
     import secretstorage
     from jeepney.io.blocking import open_dbus_connection
 
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 45
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"gnome-keyring-daemon exited with code {proc.returncode}")
+            raise RuntimeError(
+                f"gnome-keyring-daemon exited with code {proc.returncode}: "
+                f"{log_path.read_text(errors='replace')[-2000:]}"
+            )
         try:
             with contextlib.closing(open_dbus_connection(address)) as conn:
                 if not secretstorage.get_default_collection(conn).is_locked():
@@ -85,7 +88,10 @@ def _wait_unlocked(proc: subprocess.Popen[bytes], address: str) -> None:
         except Exception as exc:  # not up yet
             last = exc
         time.sleep(0.1)
-    raise RuntimeError(f"gnome-keyring did not come up unlocked: {last}")
+    raise RuntimeError(
+        f"gnome-keyring did not come up unlocked within 45 s: {last!r}; its log: "
+        f"{log_path.read_text(errors='replace')[-2000:]}"
+    )
 
 
 def lock(address: str) -> None:

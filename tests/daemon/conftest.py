@@ -22,8 +22,8 @@ import keyring.core
 import pytest
 
 import testbed.keyring
+from kbdaemon.control import _wait_gone, is_daemon_process
 from kbdaemon.paths import DaemonPaths
-from kbdaemon.process import _wait_gone, is_daemon_process
 from testbed.auth import DevAuthServer
 
 
