@@ -137,7 +137,7 @@ def check_linger() -> list[Finding]:
         return []
     linger = autostart.linger_enabled()
     if linger is None:
-        return [Finding("linger", "warn", "could not tell whether linger is enabled")]
+        return [Finding("linger", "ok", "not applicable: systemd is not the init system here")]
     if not linger:
         return [
             Finding(

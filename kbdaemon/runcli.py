@@ -147,6 +147,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         socket=str(paths.endpoint),
         log_file=str(paths.log_file),
         autostart_installed=autostart.autostart_installed(),
+        linger=autostart.linger_enabled(),
     )
     if args.json:
         print_json(data)
@@ -172,6 +173,11 @@ def _print_status(data: dict[str, Any]) -> None:
     print(f"  socket:    {data['socket']}")
     print(f"  log:       {data['log_file']}")
     print(f"  autostart: {'installed' if data['autostart_installed'] else 'not installed'}")
+    if data["linger"] is False:
+        print(
+            "  linger:    off: a daemon started by systemd stops at your last logout "
+            f"(enable: {autostart.linger_fix()})"
+        )
     for p in data["profiles"]:
         default = " (default)" if p["profile"] == data["default_profile"] else ""
         print(f"profile {p['profile']}{default}: {p['status']}")
