@@ -13,7 +13,8 @@ Protocol, version 1:
 - ``POST /v1/reload?profile=NAME`` -> read the token store again (after login/logout); status
 - ``GET /v1/connection?profile=NAME`` -> ``{"profile", "username", "token", "auth_url",
   "spark_host", "spark_port", "use_ssl", "s3_endpoint", "expires", "stale", "token_source"}``
-  (expires in epoch ms or null; s3_endpoint a URL or null)
+  (expires in epoch ms or null; s3_endpoint a URL or null; token_source where the daemon found
+  the token: ``keyring`` or ``file``; stale true when Auth2 could not be reached at the last check)
 - errors: ``{"error": {"code": "NEEDS_LOGIN", "message": "..."}}`` with a 4xx/5xx status.
 
 Transports: a Unix socket (directory 0700, socket 0600, the peer's uid checked by the daemon);
