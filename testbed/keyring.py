@@ -22,6 +22,21 @@ PASSWORD = "kbdaemon-test-keyring"  # noqa: S105 - a throwaway test keyring
 BACKEND = "keyring.backends.SecretService.Keyring"
 
 
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>{address}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
 class SecretServiceMissing(RuntimeError):
     """dbus-daemon or gnome-keyring-daemon is not installed; the message names the packages."""
 
@@ -38,8 +53,12 @@ def secret_service(workdir: Path) -> Iterator[dict[str, str]]:
     workdir.mkdir(parents=True, exist_ok=True)
     bus_path = workdir / "bus"
     address = f"unix:path={bus_path}"
+    # A bus without service activation: a query racing the start would otherwise make the bus
+    # activate a second, locked gnome-keyring that takes the Secret Service name first.
+    config = workdir / "bus.conf"
+    config.write_text(_BUS_CONFIG.format(address=address), encoding="utf-8")
     bus = ChildProcess(
-        ["dbus-daemon", "--session", "--nofork", "--nopidfile", f"--address={address}"],
+        ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
         log_path=workdir / "dbus.log",
     )
     env = {"DBUS_SESSION_BUS_ADDRESS": address, "PYTHON_KEYRING_BACKEND": BACKEND}
