@@ -117,3 +117,11 @@ def test_stop_without_unimplemented_warnings(
         spark.range(1).collect()
     assert "UNIMPLEMENTED" not in caplog.text
     assert "ReleaseSession OK" in kbproxy.child.log_text()
+
+
+def test_messages_beyond_grpcs_4_mib_default_pass_both_ways(alice: Any) -> None:
+    size = 20 * 1024 * 1024
+    # A 20 MiB request (the query text) and a 20 MiB response (one row, one Arrow batch).
+    query = f"SELECT length(repeat('x', {size})) AS n /* {'y' * size} */"
+    assert alice.sql(query).collect()[0].n == size
+    assert len(alice.sql(f"SELECT repeat('x', {size}) AS s").collect()[0].s) == size
