@@ -13,9 +13,12 @@ import contextlib
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from kbdaemon import exitcodes
-from kbdaemon.s3proxy import S3Proxy, S3ProxyError
+
+if TYPE_CHECKING:
+    from kbdaemon.s3proxy import S3Proxy
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,6 +62,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def cmd_s3_proxy(args: argparse.Namespace) -> int:
+    from kbdaemon.s3proxy import S3Proxy, S3ProxyError  # aiohttp: only for this command
+
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
