@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: venv system-deps test lint typecheck demo bench clean
 
@@ -36,8 +37,8 @@ typecheck: $(STAMP)
 demo: $(STAMP) system-deps
 	$(BIN)/python -m demo
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+bench: $(STAMP) system-deps
+	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench .demo
