@@ -197,7 +197,7 @@ def test_client_deadline_reaches_the_backend(kbproxy: KbproxyServer) -> None:
 
     session = str(uuid.uuid4())
     plan = base_pb2.Plan()
-    plan.root.sql.query = "SELECT sum(id % 7) FROM range(0, 100000000000, 1, 2)"
+    plan.root.sql.query = "SELECT sum(id % 7) FROM range(0, 2000000000, 1, 2)"
     request = base_pb2.ExecutePlanRequest(
         session_id=session,
         user_context=base_pb2.UserContext(user_id="alice"),
