@@ -19,11 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,9 +29,10 @@ import grpc
 import grpc.aio
 import psutil
 
+from benchmarks.nginx import require_nginx
 from benchmarks.stats import median, percentile, ratio
 from testbed.auth import start_dev_auth
-from testbed.procs import ChildProcess, free_port, port_open
+from testbed.procs import ChildProcess, PeakRss, free_port, port_open
 from testbed.proxy import start_kbproxy
 from testbed.spark import start_spark_connect
 
@@ -77,20 +74,6 @@ http {{
     }}
 }}
 """
-
-
-def require_nginx() -> str:
-    """Debian's nginx-light, installed with apt-get when missing."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("the nginx baseline needs nginx: apt-get install nginx-light")
-    print("installing nginx-light for the baseline ...", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for args in (["update", "-qq"], ["install", "-y", "-qq", "nginx-light"]):
-        subprocess.run(["apt-get", *args], check=True, env=env, stdout=subprocess.DEVNULL)
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def start_nginx(workdir: Path, upstream: int) -> tuple[ChildProcess, int]:
@@ -159,28 +142,6 @@ async def _throughput(address: str) -> float:
 
 def throughput(address: str) -> float:
     return asyncio.run(_throughput(address))
-
-
-class PeakRss:
-    """Samples a process's RSS every 50 ms in a thread; `peak` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _mib(value: float) -> str:

@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,9 @@ from typing import Any
 import httpx
 import psutil
 
+from benchmarks.nginx import require_nginx
 from benchmarks.stats import median, percentile, ratio
-from testbed.procs import ChildProcess, free_port, port_open
+from testbed.procs import ChildProcess, PeakRss, free_port, port_open
 from testbed.s3 import BUCKET, put_large_object, s3_stack, start_proxy_process
 
 SIZE = 1 << 30
@@ -100,24 +100,6 @@ http {{
     }}
 }}
 """
-
-
-def require_nginx() -> str:
-    """nginx (Debian's nginx-light), installed with apt-get when missing."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
-    if nginx:
-        return nginx
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("the nginx baseline needs nginx: apt-get install nginx-light")
-    print("installing nginx-light for the baseline ...", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for args in (["update", "-qq"], ["install", "-y", "-qq", "--no-install-recommends"]):
-        extra = ["nginx-light"] if args[0] == "install" else []
-        subprocess.run(
-            ["apt-get", *lock, *args, *extra], check=True, env=env, stdout=subprocess.DEVNULL
-        )
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def start_nginx(workdir: Path, upstream_port: int) -> tuple[ChildProcess, str]:
@@ -240,44 +222,19 @@ def ranged(endpoints: dict[str, str], emulator_url: str) -> dict[str, Any]:
 
 
 def peak_rss_concurrent(proxy_url: str, proxy_pid: int) -> dict[str, Any]:
-    process = psutil.Process(proxy_pid)
-    idle = process.memory_info().rss
-    peak = idle
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.02):
-            peak = max(peak, process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.monotonic()
-    downloads = [
-        subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download}",
-                *header_args(CLIENT_HEADERS),
-                f"{proxy_url}/{BUCKET}/{KEY}",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(CONCURRENT)
-    ]
-    sizes = [int(p.communicate()[0]) for p in downloads]
-    seconds = time.monotonic() - started
-    done.set()
-    sampler.join()
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{size_download}"]
+    argv += [*header_args(CLIENT_HEADERS), f"{proxy_url}/{BUCKET}/{KEY}"]
+    with PeakRss(proxy_pid) as rss:
+        started = time.monotonic()
+        downloads = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(CONCURRENT)
+        ]
+        sizes = [int(p.communicate()[0]) for p in downloads]
+        seconds = time.monotonic() - started
     assert sizes == [SIZE] * CONCURRENT, sizes
     return {
-        "idle_rss_MB": idle / 1e6,
-        "peak_rss_MB": peak / 1e6,
+        "idle_rss_MB": rss.idle / 1e6,
+        "peak_rss_MB": rss.peak / 1e6,
         "aggregate_MBps": CONCURRENT * SIZE / seconds / 1e6,
     }
 

@@ -7,9 +7,12 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import psutil
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,3 +109,25 @@ def running(child: ChildProcess) -> Iterator[ChildProcess]:
         yield child
     finally:
         child.stop()
+
+
+class PeakRss:
+    """Samples a process's RSS every 20 ms in a thread; ``idle`` is the first, ``peak`` the most."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.idle = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

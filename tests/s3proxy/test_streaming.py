@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -18,6 +17,7 @@ import psutil
 import pytest
 
 from kbdaemon import S3Proxy
+from testbed.procs import PeakRss
 from testbed.s3 import (
     BUCKET,
     DeltaLakeProxyEmulator,
@@ -38,28 +38,6 @@ RSS_BOUND = 200 * 1024 * 1024
 def large_object(seaweed: SeaweedS3) -> str:
     put_large_object(seaweed.client(), KEY, SIZE)
     return pattern_sha256(SIZE)
-
-
-class PeakRss:
-    """Samples a process's RSS in a thread; ``peak`` is the largest seen."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def test_one_gib_streams_with_bounded_memory(large_object: str, s3_proxy: ProxyProcess) -> None:
