@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,13 +15,34 @@ from pathlib import Path
 
 import psutil
 
+_PORT_LOW, _PORT_HIGH = 20000, 32767  # below Linux's ephemeral range (32768-60999)
+_handed_out: set[int] = set()
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago (the caller binds them soon after).
+
+    They come from below the kernel's ephemeral range, so no outgoing connection of this or
+    another process takes one between now and the bind, and never twice from one process.
+    """
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(_PORT_LOW, _PORT_HIGH)  # noqa: S311 (not a secret)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1, host)[0]
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -45,7 +45,7 @@ from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth, S3SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from testbed.procs import ChildProcess, free_port, port_open
+from testbed.procs import ChildProcess, free_port, free_ports, port_open
 
 ACCESS_KEY = "kbaselocaltest"
 SECRET_KEY = "kbaselocaltestsecret0123456789"  # noqa: S105 - a loopback test identity
@@ -115,7 +115,20 @@ def start_seaweedfs(workdir: Path, *, bucket: str = BUCKET) -> SeaweedS3:
             {"identities": [{"name": "kbase", "credentials": [identity], "actions": actions}]}
         )
     )
-    p = [free_port() for _ in range(8)]
+    for attempt in range(3):
+        try:
+            return _start_seaweedfs_once(workdir, config, bucket, attempt)
+        except _PortTaken:
+            continue
+    raise RuntimeError(f"SeaweedFS found a port taken three times; see {workdir}/weed-*.log")
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _start_seaweedfs_once(workdir: Path, config: Path, bucket: str, attempt: int) -> SeaweedS3:
+    p = free_ports(8)
     argv = [
         str(weed_binary()),
         "server",
@@ -139,13 +152,15 @@ def start_seaweedfs(workdir: Path, *, bucket: str = BUCKET) -> SeaweedS3:
         "-s3.port.lance=0",
         f"-s3.config={config}",
     ]
-    child = ChildProcess(argv, log_path=workdir / "weed.log", cwd=workdir)
+    child = ChildProcess(argv, log_path=workdir / f"weed-{attempt}.log", cwd=workdir)
     server = SeaweedS3(port=p[0], child=child)
     try:
         child.wait_until(lambda: _s3_answers(server.url), timeout=60, what="SeaweedFS")
         _create_bucket(server, bucket)
-    except BaseException:
+    except BaseException as exc:
         child.stop()
+        if not isinstance(exc, KeyboardInterrupt) and "address already in use" in child.log_text():
+            raise _PortTaken from exc  # another process took a port after we chose it
         raise
     return server
 
