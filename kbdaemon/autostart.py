@@ -15,7 +15,8 @@ run can be recorded and checked anywhere; ``--dry-run`` prints the plan instead.
 - macOS: ``~/Library/LaunchAgents/us.kbase.kbdaemon.plist``; ``launchctl bootstrap gui/<uid>``.
 - Windows: a Task Scheduler task that runs ``pythonw -m kbdaemon run`` at this user's logon.
 
-``uninstall`` also removes the socket and the pid file; ``--purge`` the stored tokens and config.
+``uninstall`` also removes the socket (or the TCP transport's port file) and the pid file;
+``--purge`` the stored tokens and config.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
     p.set_defaults(func=cmd_install)
     p = sub.add_parser(
-        "uninstall", help="stop the daemon and remove its autostart, socket and pid file"
+        "uninstall", help="stop the daemon and remove its autostart, socket, port file and pid file"
     )
     p.add_argument(
         "--purge", action="store_true", help="also delete the stored tokens and the config file"
@@ -79,7 +79,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     paths = DaemonPaths.default()
     plan = plan_uninstall(
         Target.current(),
-        runtime_files=[paths.socket, paths.pid_file],
+        runtime_files=[paths.socket, paths.port_file, paths.pid_file],
         purge=args.purge,
         profiles=_known_profiles(),
         purge_files=[paths.token_file, config_path()],

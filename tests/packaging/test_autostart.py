@@ -350,3 +350,26 @@ def test_cli_uninstall_purge_stops_a_running_daemon(
     assert not paths.socket.exists()
     assert not paths.pid_file.exists()
     assert keyring.get_password("kbase-spark-connect", "prod") is None
+
+
+def test_cli_uninstall_removes_what_a_crashed_daemon_left(
+    isolated_environment: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No daemon runs; its socket, its TCP transport's port file and its pid file remain."""
+    from kbdaemon.paths import DaemonPaths
+
+    monkeypatch.setattr(autostart, "current_platform", lambda: "linux")
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+    paths = DaemonPaths.default()
+    leftovers = [paths.socket, paths.port_file, paths.pid_file]
+    for leftover in leftovers:
+        leftover.parent.mkdir(parents=True, exist_ok=True)
+        leftover.write_text("left behind")
+
+    assert cli.main(["uninstall", "--dry-run"]) == exitcodes.OK
+    planned = capsys.readouterr().out
+    assert all(str(leftover) in planned for leftover in leftovers), planned
+    assert all(leftover.exists() for leftover in leftovers)
+
+    assert cli.main(["uninstall"]) == exitcodes.OK
+    assert [leftover for leftover in leftovers if leftover.exists()] == []
