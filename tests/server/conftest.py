@@ -90,3 +90,17 @@ def raw_call(
             request, metadata=md, timeout=timeout
         )
         return response
+
+
+@contextmanager
+def grpc_backend(handler: grpc.GenericRpcHandler) -> Iterator[int]:
+    """A plain gRPC server on loopback answering with ``handler`` (a stand-in backend); its port."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(0)

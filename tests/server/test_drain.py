@@ -11,7 +11,6 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from testbed.auth import DevAuthServer
 from testbed.proxy import start_kbproxy
 from tests.conftest import ALICE_TOKEN
-from tests.server.conftest import raw_call
+from tests.server.conftest import grpc_backend, raw_call
 
 ANSWER = b"\x0a\x05done!"
 
@@ -46,14 +45,11 @@ class HeldBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
 @pytest.fixture
 def held_backend() -> Iterator[tuple[HeldBackend, int]]:
     handler = HeldBackend()
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield handler, port
-    finally:
-        handler.release.set()
-        server.stop(0)
+    with grpc_backend(handler) as port:
+        try:
+            yield handler, port
+        finally:
+            handler.release.set()
 
 
 def test_drain_reports_not_serving_refuses_new_calls_and_finishes_running_ones(

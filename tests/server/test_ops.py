@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from testbed.auth import DevAuthServer
 from testbed.proxy import start_kbproxy
 from testbed.spark import SparkConnectServer, start_spark_connect
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, TEST_TOKENS
-from tests.server.conftest import SERVICE, config_port, config_request, raw_call
+from tests.server.conftest import SERVICE, config_port, config_request, grpc_backend, raw_call
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +41,8 @@ class RecordingBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
 @pytest.fixture
 def recording_backend() -> Iterator[tuple[RecordingBackend, int]]:
     handler = RecordingBackend()
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with grpc_backend(handler) as port:
         yield handler, port
-    finally:
-        server.stop(0)
 
 
 def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
