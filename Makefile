@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# An older Spark Connect client for the proxy's compatibility test (tests/server/test_old_client.py).
+OLD_PYSPARK := pyspark-connect==4.0.0.dev1
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -12,10 +14,12 @@ ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml server/pyproject.toml constraints.txt
+$(STAMP): pyproject.toml server/pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./server -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade \
+		--target $(VENV)/old-clients/pyspark-connect '$(OLD_PYSPARK)'
 	touch $@
 
 system-deps:
