@@ -1,10 +1,13 @@
 """Pooled gRPC channels to the backends: LRU with a maximum size and an idle timeout.
 
-How it works: ``lease(address)`` returns the channel of a backend (creating it if needed) and
-counts the call as running on it until the lease is released. A channel is closed only when no
+How it works: ``acquire(address)`` returns the pooled channel of a backend (creating it if
+needed) and counts the call as running on it until ``release()``; ``lease(address)`` is the same
+as an async context manager. A channel is closed only when no
 call runs on it: when it has been idle for ``idle_timeout`` (``sweep()``, run periodically), or
 when the pool is over ``max_size`` and it is the least recently used idle one. If every channel
 is busy the pool grows past its size until calls finish. ``close()`` closes all of them.
+A pooled channel also keeps its multicallables, one per method and cardinality, so that a call
+does not build a new one.
 
 Channel options: message sizes (both directions), keepalive pings no more often than the Spark
 Connect server (grpc-java, 5 min minimum by default) accepts, and a short reconnect backoff so a
@@ -18,7 +21,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -46,11 +49,35 @@ def _insecure(address: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Chan
     return grpc.aio.insecure_channel(address, options=options)
 
 
-@dataclass
-class _Entry:
+@dataclass(eq=False)
+class PooledChannel:
+    """A backend's channel, its running calls, and its multicallables by method path."""
+
     channel: grpc.aio.Channel
     active: int = 0
     idle_since: float = 0.0
+    _unary_unary: dict[str, Any] = field(default_factory=dict)
+    _unary_stream: dict[str, Any] = field(default_factory=dict)
+    _stream_stream: dict[str, Any] = field(default_factory=dict)
+
+    def unary_unary(self, path: str) -> Any:
+        """The channel's unary-unary multicallable for ``path`` (bytes in, bytes out)."""
+        method = self._unary_unary.get(path)
+        if method is None:
+            method = self._unary_unary[path] = self.channel.unary_unary(path)
+        return method
+
+    def unary_stream(self, path: str) -> Any:
+        method = self._unary_stream.get(path)
+        if method is None:
+            method = self._unary_stream[path] = self.channel.unary_stream(path)
+        return method
+
+    def stream_stream(self, path: str) -> Any:
+        method = self._stream_stream.get(path)
+        if method is None:
+            method = self._stream_stream[path] = self.channel.stream_stream(path)
+        return method
 
 
 class ChannelPool:
@@ -70,7 +97,7 @@ class ChannelPool:
         self._options = list(options)
         self._factory = factory
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[str, PooledChannel] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
         self.created = 0
         self.closed = 0
@@ -81,23 +108,34 @@ class ChannelPool:
     def active_calls(self) -> int:
         return sum(entry.active for entry in self._entries.values())
 
+    def acquire(self, address: str) -> PooledChannel:
+        """The backend's pooled channel, counted as busy until ``release()``."""
+        entry = self._entries.get(address)
+        if entry is None:
+            entry = PooledChannel(self._factory(address, self._options))
+            self._entries[address] = entry
+            self.created += 1
+        else:
+            self._entries.move_to_end(address)
+        entry.active += 1
+        if len(self._entries) > self.max_size:
+            self._evict_over_size()
+        return entry
+
+    def release(self, entry: PooledChannel) -> None:
+        """One call on ``entry`` has finished."""
+        entry.active -= 1
+        if entry.active == 0:
+            entry.idle_since = self._clock()
+
     @contextlib.asynccontextmanager
     async def lease(self, address: str) -> AsyncIterator[grpc.aio.Channel]:
         """The backend's channel, counted as busy until the block exits."""
-        entry = self._entries.get(address)
-        if entry is None:
-            entry = _Entry(self._factory(address, self._options))
-            self._entries[address] = entry
-            self.created += 1
-        self._entries.move_to_end(address)
-        entry.active += 1
-        self._evict_over_size()
+        entry = self.acquire(address)
         try:
             yield entry.channel
         finally:
-            entry.active -= 1
-            if entry.active == 0:
-                entry.idle_since = self._clock()
+            self.release(entry)
 
     def discard_if_idle(self, address: str) -> None:
         """Drop a backend's channel now if nothing runs on it (after it failed to connect)."""

@@ -32,7 +32,7 @@ import grpc.aio
 
 from kbproxy.auth import Authenticator
 from kbproxy.errors import BackendUnavailable, ProxyError, Unauthenticated
-from kbproxy.pool import ChannelPool
+from kbproxy.pool import ChannelPool, PooledChannel
 from kbproxy.routing import Router, SessionRoute, SessionRoutes
 from kbproxy.wire import read_request_ids
 
@@ -231,16 +231,17 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             if request is not None:
                 record.bytes_in += len(request)
                 self._remember_session(route, request)
-            async with self.pool.lease(route.backend) as channel:
-                await self._connected(channel, route)
+            pooled = self.pool.acquire(route.backend)
+            try:
+                await self._connected(pooled.channel, route)
                 if unary:
                     assert request is not None
                     return await self._relay_unary(
-                        path, context, channel, metadata, route, record, request
+                        path, context, pooled, metadata, route, record, request
                     )
-                await self._relay(
-                    path, context, channel, metadata, route, record, request, requests
-                )
+                await self._relay(path, context, pooled, metadata, route, record, request, requests)
+            finally:
+                self.pool.release(pooled)
         except ProxyError as exc:
             record.code, record.details = exc.code, str(exc)
             context.set_code(exc.code)
@@ -273,13 +274,13 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self,
         path: str,
         context: grpc.aio.ServicerContext,
-        channel: grpc.aio.Channel,
+        pooled: PooledChannel,
         metadata: Metadata,
         route: Route,
         record: CallRecord,
         request: bytes,
     ) -> bytes | None:
-        call = channel.unary_unary(path)(
+        call = pooled.unary_unary(path)(
             request, metadata=forwardable(metadata), timeout=_remaining(context)
         )
         try:
@@ -325,7 +326,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self,
         path: str,
         context: grpc.aio.ServicerContext,
-        channel: grpc.aio.Channel,
+        pooled: PooledChannel,
         metadata: Metadata,
         route: Route,
         record: CallRecord,
@@ -337,10 +338,10 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         call: Any
         pump: asyncio.Task[None] | None = None
         if request is not None:
-            call = channel.unary_stream(path)(request, metadata=forward, timeout=timeout)
+            call = pooled.unary_stream(path)(request, metadata=forward, timeout=timeout)
         else:
             assert requests is not None
-            call = channel.stream_stream(path)(metadata=forward, timeout=timeout)
+            call = pooled.stream_stream(path)(metadata=forward, timeout=timeout)
             pump = asyncio.create_task(self._pump(requests, call, route, record))
         try:
             initial = await call.initial_metadata()

@@ -17,6 +17,7 @@ another user with the same id does not move it.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import string
@@ -34,6 +35,7 @@ DNS_LABEL_MAX = 63
 _UNSAFE = re.compile(r"[^a-z0-9.-]")
 
 
+@functools.lru_cache(maxsize=4096)
 def sanitize_username(username: str) -> str:
     """The username as the hub names per-user services: a DNS label of at most 63 characters."""
     return _UNSAFE.sub("-", username.lower())[:DNS_LABEL_MAX]

@@ -3,7 +3,9 @@
 How it works: ``Stats`` is the relay's ``CallObserver``: it counts active calls per user, calls by
 method and status code, bytes, and writes one access-log line per finished call (never a token:
 the relay does not hand it one). Prometheus metrics live in a registry of their own; auth cache
-and pool figures are read from their owners when scraped. ``stats_app`` serves::
+and pool figures are read from their owners when scraped, and so are the call, byte and active
+call counts, which the relay's hot path keeps as plain integers (only the duration histogram is
+updated per call). ``stats_app`` serves::
 
     GET /healthz  200 while the process runs
     GET /readyz   200 when not draining and Auth2 answered its root recently, else 503
@@ -21,7 +23,6 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram
-from prometheus_client import Counter as PCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -50,9 +51,6 @@ class Stats(CallObserver):
         self.bytes_in = 0
         self.bytes_out = 0
         self.registry = CollectorRegistry()
-        self._calls = PCounter(
-            "kbproxy_calls", "Finished calls", ["method", "code"], registry=self.registry
-        )
         self._duration = Histogram(
             "kbproxy_call_duration_seconds",
             "Call duration",
@@ -60,66 +58,35 @@ class Stats(CallObserver):
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
         )
-        self._bytes = PCounter(
-            "kbproxy_message_bytes", "Message bytes relayed", ["direction"], registry=self.registry
+        self._durations: dict[str, Any] = {}
+        Gauge("kbproxy_active_calls", "Calls in progress", registry=self.registry).set_function(
+            lambda: self.active
         )
-        self._bytes_in, self._bytes_out = self._bytes.labels("in"), self._bytes.labels("out")
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._active = Gauge("kbproxy_active_calls", "Calls in progress", registry=self.registry)
         self.registry.register(_Snapshot(self))
 
     def started(self, record: CallRecord) -> None:
         self.active += 1
-        self._active.inc()
 
     def finished(self, record: CallRecord) -> None:
         self.active -= 1
-        self._active.dec()
+        user = record.user
         if record.routed:
-            self.active_by_user[record.user] -= 1
-            if self.active_by_user[record.user] <= 0:
-                del self.active_by_user[record.user]
-        code = record.code.name
-        self.calls[(record.method, code)] += 1
+            left = self.active_by_user[user] - 1
+            if left > 0:
+                self.active_by_user[user] = left
+            else:
+                del self.active_by_user[user]
+        method, code = record.method, record.code.name
+        self.calls[(method, code)] += 1
         self.bytes_in += record.bytes_in
         self.bytes_out += record.bytes_out
-        children = self._children.get((record.method, code))
-        if children is None:
-            children = self._children[(record.method, code)] = (
-                self._calls.labels(record.method, code),
-                self._duration.labels(record.method),
-            )
-        children[0].inc()
-        children[1].observe(record.duration)
-        self._bytes_in.inc(record.bytes_in)
-        self._bytes_out.inc(record.bytes_out)
-        fields = {
-            "user": record.user,
-            "method": record.method,
-            "code": code,
-            "duration_ms": round(record.duration * 1000, 1),
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "backend": record.backend,
-        }
-        if record.by_session:
-            fields["routed_by"] = "session"
-        error = " routed_by=session" if record.by_session else ""
-        if record.code.name != "OK" and record.details:
-            fields["details"] = record.details[:300]
-            error += " details=" + repr(fields["details"])
-        access_log.info(
-            "%s %s %s %.1fms in=%d out=%d backend=%s%s",
-            record.user,
-            record.method,
-            code,
-            fields["duration_ms"],
-            record.bytes_in,
-            record.bytes_out,
-            record.backend,
-            error,
-            extra={"fields": fields},
-        )
+        duration = time.monotonic() - record.started
+        histogram = self._durations.get(method)
+        if histogram is None:
+            histogram = self._durations[method] = self._duration.labels(method)
+        histogram.observe(duration)
+        if access_log.isEnabledFor(logging.INFO):
+            _log_call(record, code, duration)
 
     def routed(self, record: CallRecord) -> None:
         self.active_by_user[record.user] += 1
@@ -153,6 +120,36 @@ class Stats(CallObserver):
         }
 
 
+def _log_call(record: CallRecord, code: str, duration: float) -> None:
+    fields: dict[str, Any] = {
+        "user": record.user,
+        "method": record.method,
+        "code": code,
+        "duration_ms": round(duration * 1000, 1),
+        "bytes_in": record.bytes_in,
+        "bytes_out": record.bytes_out,
+        "backend": record.backend,
+    }
+    if record.by_session:
+        fields["routed_by"] = "session"
+    error = " routed_by=session" if record.by_session else ""
+    if code != "OK" and record.details:
+        fields["details"] = record.details[:300]
+        error += " details=" + repr(fields["details"])
+    access_log.info(
+        "%s %s %s %.1fms in=%d out=%d backend=%s%s",
+        record.user,
+        record.method,
+        code,
+        fields["duration_ms"],
+        record.bytes_in,
+        record.bytes_out,
+        record.backend,
+        error,
+        extra={"fields": fields},
+    )
+
+
 class _Snapshot(Collector):
     """Exposes the auth cache, pool and session figures at scrape time."""
 
@@ -160,6 +157,16 @@ class _Snapshot(Collector):
         self.stats = stats
 
     def collect(self) -> Iterable[Any]:
+        calls = CounterMetricFamily("kbproxy_calls", "Finished calls", labels=["method", "code"])
+        for (method, code), count in sorted(self.stats.calls.items()):
+            calls.add_metric([method, code], count)
+        yield calls
+        relayed = CounterMetricFamily(
+            "kbproxy_message_bytes", "Message bytes relayed", labels=["direction"]
+        )
+        relayed.add_metric(["in"], self.stats.bytes_in)
+        relayed.add_metric(["out"], self.stats.bytes_out)
+        yield relayed
         auth = self.stats.authenticator.counters
         cache = CounterMetricFamily(
             "kbproxy_auth_cache_lookups", "Token cache lookups", labels=["result"]

@@ -151,3 +151,23 @@ def test_a_taken_port_is_exit_4_naming_it(flag: str) -> None:
         )
     assert result.returncode == 4, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+async def test_acquire_release_count_calls_and_keep_multicallables() -> None:
+    made: list[Any] = []
+
+    class Channel(FakeChannel):
+        def unary_unary(self, path: str) -> tuple[str, str]:
+            made.append(path)
+            return ("unary", path)
+
+    pool = ChannelPool(factory=lambda address, options: Channel(address))
+    first = pool.acquire("a:1")
+    second = pool.acquire("a:1")
+    assert first is second and pool.active_calls() == 2
+    assert first.unary_unary("/s/M") is second.unary_unary("/s/M")
+    assert made == ["/s/M"]  # built once per channel and method
+    pool.release(first)
+    pool.release(second)
+    assert pool.active_calls() == 0
+    await pool.close()
