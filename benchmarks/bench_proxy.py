@@ -7,6 +7,8 @@ nginx) so that machine noise hits all three alike:
 - the time of a 200 MB Arrow result (pyspark ``toArrow()``, 8 partitions);
 - calls per second with 50 concurrent clients (one channel each, grpc.aio, one process);
 - kbproxy's RSS when idle and its peak under load;
+- the same unary and throughput figures for a second kbproxy on asyncio's own event loop
+  (``--event-loop asyncio``), to show what uvloop (kbproxy's default) is worth;
 - Auth2 requests per token per cache window (dev auth sends ``cachefor`` of CACHE_WINDOW_S).
 
 nginx is Debian's nginx-light (installed with apt-get when missing), configured as DESIGN.md
@@ -44,6 +46,7 @@ ARROW_ROWS = 12_500_000  # two bigint columns: 200 MB
 CONCURRENCY = 50
 THROUGHPUT_SECONDS = 5.0
 CONFIG_METHOD = "/spark.connect.SparkConnectService/Config"
+ASYNCIO_ROW = "kbproxy-asyncio"
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -164,12 +167,19 @@ def run(workdir: Path) -> None:
         backend_map={"alice": spark_server.address},
         extra_args=["--log-level", "WARNING"],
     )
+    plain_loop = start_kbproxy(
+        base / "kbproxy-asyncio",
+        auth_url=auth.url,
+        backend_map={"alice": spark_server.address},
+        extra_args=["--log-level", "WARNING", "--event-loop", "asyncio"],
+    )
     nginx, nginx_port = start_nginx(base / "nginx", spark_server.port)
     targets = {
         "direct": spark_server.address,
         "kbproxy": proxy.address,
         "nginx": f"127.0.0.1:{nginx_port}",
     }
+    call_targets = {**targets, ASYNCIO_ROW: plain_loop.address}
     sessions: dict[str, Any] = {}
     results: dict[str, Any] = {}
     first_auth_call = time.monotonic()
@@ -177,10 +187,10 @@ def run(workdir: Path) -> None:
         unary_latencies(proxy.address, 10)
         rss = psutil.Process(proxy.child.pid)
         idle_rss = rss.memory_info().rss
-        p50: dict[str, list[float]] = {name: [] for name in targets}
-        p99: dict[str, list[float]] = {name: [] for name in targets}
-        arrow: dict[str, list[float]] = {name: [] for name in targets}
-        rate: dict[str, list[float]] = {name: [] for name in targets}
+        p50: dict[str, list[float]] = {name: [] for name in call_targets}
+        p99: dict[str, list[float]] = {name: [] for name in call_targets}
+        arrow: dict[str, list[float]] = {name: [] for name in call_targets}
+        rate: dict[str, list[float]] = {name: [] for name in call_targets}
         for name, address in targets.items():
             sessions[name] = SparkSession.builder.remote(
                 f"sc://{address}/;x-kbase-token={TOKEN};user_id=alice"
@@ -188,26 +198,26 @@ def run(workdir: Path) -> None:
             arrow_seconds(sessions[name])  # warm-up: JIT, caches, connections
         with PeakRss(proxy.child.pid) as peak:
             for round_ in range(ROUNDS):
-                for name, address in targets.items():
+                for name, address in call_targets.items():
                     latencies = unary_latencies(address, UNARY_CALLS)
                     p50[name].append(percentile(latencies, 50))
                     p99[name].append(percentile(latencies, 99))
                 for name in targets:
                     arrow[name].append(arrow_seconds(sessions[name]))
-                for name, address in targets.items():
+                for name, address in call_targets.items():
                     rate[name].append(throughput(address))
                 print(f"round {round_ + 1}/{ROUNDS} done", flush=True)
         elapsed = time.monotonic() - first_auth_call
         auth_requests = auth.stats().get("token", 0)
         windows = math.ceil(elapsed / CACHE_WINDOW_S)
         direct_p50, direct_p99 = median(p50["direct"]), median(p99["direct"])
-        for name in targets:
+        for name in call_targets:
             results[name] = {
                 "p50_ms": median(p50[name]) * 1000,
                 "p99_ms": median(p99[name]) * 1000,
                 "added_p50_ms": (median(p50[name]) - direct_p50) * 1000,
                 "added_p99_ms": (median(p99[name]) - direct_p99) * 1000,
-                "arrow_200mb_s": median(arrow[name]),
+                "arrow_200mb_s": median(arrow[name]) if arrow[name] else None,
                 "calls_per_s_50_clients": median(rate[name]),
             }
         results["kbproxy_rss"] = {"idle": idle_rss, "peak_under_load": peak.peak}
@@ -220,6 +230,7 @@ def run(workdir: Path) -> None:
         for spark in sessions.values():
             spark.stop()
         nginx.stop()
+        plain_loop.stop()
         proxy.stop()
         auth.stop()
         spark_server.stop()
@@ -231,14 +242,15 @@ def _report(results: dict[str, Any]) -> None:
     direct, kbproxy, nginx = results["direct"], results["kbproxy"], results["nginx"]
     print(f"medians of {ROUNDS} rounds; unary = Config get, {UNARY_CALLS} sequential calls")
     print(
-        f"{'':10} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
+        f"{'':16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
         f"{'200MB s':>8} {'calls/s':>8}"
     )
-    for name, row in (("direct", direct), ("kbproxy", kbproxy), ("nginx", nginx)):
+    rows = ("direct", "kbproxy", "nginx", ASYNCIO_ROW)
+    for name, row in ((name, results[name]) for name in rows):
+        arrow = "-" if row["arrow_200mb_s"] is None else f"{row['arrow_200mb_s']:.2f}"
         print(
-            f"{name:10} {row['p50_ms']:8.3f} {row['p99_ms']:8.3f} {row['added_p50_ms']:8.3f} "
-            f"{row['added_p99_ms']:8.3f} {row['arrow_200mb_s']:8.2f} "
-            f"{row['calls_per_s_50_clients']:8.0f}"
+            f"{name:16} {row['p50_ms']:8.3f} {row['p99_ms']:8.3f} {row['added_p50_ms']:8.3f} "
+            f"{row['added_p99_ms']:8.3f} {arrow:>8} {row['calls_per_s_50_clients']:8.0f}"
         )
     print(
         "added p50 kbproxy/nginx: "
@@ -251,6 +263,10 @@ def _report(results: dict[str, Any]) -> None:
         + ratio(kbproxy["calls_per_s_50_clients"], direct["calls_per_s_50_clients"])
         + ", nginx/direct: "
         + ratio(nginx["calls_per_s_50_clients"], direct["calls_per_s_50_clients"])
+        + f"; {ASYNCIO_ROW} added p50/kbproxy's: "
+        + ratio(results[ASYNCIO_ROW]["added_p50_ms"], kbproxy["added_p50_ms"])
+        + ", throughput/kbproxy's: "
+        + ratio(results[ASYNCIO_ROW]["calls_per_s_50_clients"], kbproxy["calls_per_s_50_clients"])
     )
     rss = results["kbproxy_rss"]
     print(f"kbproxy RSS idle {_mib(rss['idle'])}, peak under load {_mib(rss['peak_under_load'])}")

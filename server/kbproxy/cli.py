@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from kbproxy import __version__, devauth
 from kbproxy.errors import ConfigError, ListenError
@@ -23,6 +24,7 @@ from kbproxy.options import (
     MIB,
     EnvArgs,
     parse_count,
+    parse_event_loop,
     parse_host_port,
     parse_log_format,
     parse_log_level,
@@ -243,6 +245,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvA
     )
     e.add("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
     e.add(
+        "--event-loop",
+        type=parse_event_loop,
+        default="auto",
+        metavar="auto|uvloop|asyncio",
+        help="the asyncio event loop: uvloop (less CPU per call) or the standard one; auto "
+        "takes uvloop when it is installed",
+    )
+    e.add(
         "--log-format",
         type=parse_log_format,
         default="text",
@@ -289,11 +299,29 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
+def run_event_loop(main: Coroutine[Any, Any, None], kind: str = "auto") -> None:
+    """Run ``main`` on uvloop (``uvloop``, or ``auto`` when installed) or asyncio's own loop."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                main.close()
+                raise ConfigError(
+                    "--event-loop uvloop: uvloop is not installed (pip install uvloop), "
+                    "or use --event-loop asyncio"
+                ) from None
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, getattr(logging, args.log_level))
     try:
         settings = settings_from_args(args)
-        asyncio.run(serve(settings))
+        run_event_loop(serve(settings), args.event_loop)
     except ListenError as exc:
         print(f"kbproxy serve: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE

@@ -129,3 +129,12 @@ def parse_log_level(value: str) -> str:
     if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise argparse.ArgumentTypeError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
     return value.upper()
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def parse_event_loop(value: str) -> str:
+    if value not in EVENT_LOOPS:
+        raise argparse.ArgumentTypeError(f"expected auto, uvloop or asyncio, got {value!r}")
+    return value

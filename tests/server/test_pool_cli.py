@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from kbproxy.cli import build_parser, settings_from_args
+from kbproxy.cli import build_parser, run_event_loop, settings_from_args
+from kbproxy.errors import ConfigError
 from kbproxy.pool import ChannelPool
 
 
@@ -171,3 +172,42 @@ async def test_acquire_release_count_calls_and_keep_multicallables() -> None:
     pool.release(second)
     assert pool.active_calls() == 0
     await pool.close()
+
+
+def test_event_loop_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _args([]).event_loop == "auto"
+    monkeypatch.setenv("KBPROXY_EVENT_LOOP", "asyncio")
+    assert _args([]).event_loop == "asyncio"
+    assert _args(["--event-loop", "uvloop"]).event_loop == "uvloop"
+    with pytest.raises(SystemExit):
+        _args(["--event-loop", "trio"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "loop_module"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")]
+)
+def test_run_event_loop_runs_on_the_chosen_loop(kind: str, loop_module: str) -> None:
+    seen: list[str] = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_event_loop(main(), kind)
+    assert seen == [loop_module]
+
+
+def test_uvloop_asked_for_but_missing_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+
+    async def main() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ConfigError, match=r"pip install uvloop.*--event-loop asyncio"):
+        run_event_loop(main(), "uvloop")
+    seen: list[str] = []
+
+    async def fallback() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_event_loop(fallback(), "auto")
+    assert seen == ["asyncio"]
