@@ -5,8 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# An older Spark Connect client for the proxy's compatibility test (tests/server/test_old_client.py).
-OLD_PYSPARK := pyspark-connect==4.0.0.dev1
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -18,8 +16,7 @@ $(STAMP): pyproject.toml server/pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./server -e '.[test]'
-	$(BIN)/python -m pip install --quiet --no-deps --upgrade \
-		--target $(VENV)/old-clients/pyspark-connect '$(OLD_PYSPARK)'
+	$(BIN)/python -m testbed.oldclients  # older pyspark clients for compatibility tests
 	touch $@
 
 system-deps:
