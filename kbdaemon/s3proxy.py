@@ -29,8 +29,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from kbdaemon import _bodyrelay, _s3errors
 from kbdaemon import _redirects as rd
-from kbdaemon import _s3errors
 from kbdaemon.errors import KBDaemonError, PortInUseError
 
 __all__ = ["S3Proxy", "S3ProxyError"]
@@ -100,6 +100,7 @@ class S3Proxy:
         self._port = port
         self._allow_remote = allow_remote
         self._allow_http_hosts = tuple(allow_http_hosts)
+        self._read_timeout = read_timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -320,11 +321,19 @@ class S3Proxy:
             headers=rd.response_headers(upstream.headers),
         )
         await response.prepare(request)
+        relay = _bodyrelay.take_over(request, upstream)
         sent = 0
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                sent += len(chunk)
+            if relay is not None:
+                try:
+                    await relay.relay(request, response, read_timeout=self._read_timeout)
+                finally:
+                    sent = relay.sent
+                    relay.give_back(upstream)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    sent += len(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are gone already: cutting the connection is the only signal left.
             log.warning(
