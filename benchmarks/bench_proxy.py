@@ -1,7 +1,8 @@
 """kbproxy against a direct connection and against nginx `grpc_pass`, on one Spark Connect server.
 
 Measured in one run, each figure the median of several rounds taken in turn (direct, kbproxy,
-nginx) so that machine noise hits all three alike:
+nginx; the sequential unary calls alternate between targets every 100 calls) so that machine
+noise hits all of them alike:
 
 - the latency a small unary call (Config get) gains through each proxy, p50 and p99;
 - the time of a 200 MB Arrow result (pyspark ``toArrow()``, 8 partitions);
@@ -42,6 +43,7 @@ TOKEN = "BENCHTOKEN0123456789abcdef"
 CACHE_WINDOW_S = 20
 ROUNDS = 3
 UNARY_CALLS = 1500
+UNARY_CHUNKS = 15  # the targets take turns every UNARY_CALLS / UNARY_CHUNKS calls
 ARROW_ROWS = 12_500_000  # two bigint columns: 200 MB
 CONCURRENCY = 50
 THROUGHPUT_SECONDS = 5.0
@@ -104,16 +106,30 @@ METADATA = (("x-kbase-token", TOKEN),)
 
 
 def unary_latencies(address: str, calls: int) -> list[float]:
+    return interleaved_latencies({address: address}, calls, 1)[address]
+
+
+def interleaved_latencies(
+    addresses: dict[str, str], calls: int, chunks: int = UNARY_CHUNKS
+) -> dict[str, list[float]]:
+    """``calls`` sequential calls per target, taken in turn in ``chunks`` slices."""
     request = config_request()
-    with grpc.insecure_channel(address) as channel:
-        config = channel.unary_unary(CONFIG_METHOD)
-        for _ in range(100):
-            config(request, metadata=METADATA)
-        latencies = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            config(request, metadata=METADATA)
-            latencies.append(time.perf_counter() - started)
+    channels = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    latencies: dict[str, list[float]] = {name: [] for name in addresses}
+    try:
+        configs = {name: ch.unary_unary(CONFIG_METHOD) for name, ch in channels.items()}
+        for config in configs.values():
+            for _ in range(100):
+                config(request, metadata=METADATA)
+        for _ in range(chunks):
+            for name, config in configs.items():
+                for _ in range(calls // chunks):
+                    started = time.perf_counter()
+                    config(request, metadata=METADATA)
+                    latencies[name].append(time.perf_counter() - started)
+    finally:
+        for channel in channels.values():
+            channel.close()
     return latencies
 
 
@@ -167,9 +183,14 @@ def run(workdir: Path) -> None:
         backend_map={"alice": spark_server.address},
         extra_args=["--log-level", "WARNING"],
     )
+    plain_auth = start_dev_auth(  # its own, so that `auth` counts kbproxy's requests only
+        base / "auth-asyncio",
+        {TOKEN: {"user": "alice", "mfa": "Used", "expires": None}},
+        cachefor_ms=CACHE_WINDOW_S * 1000,
+    )
     plain_loop = start_kbproxy(
         base / "kbproxy-asyncio",
-        auth_url=auth.url,
+        auth_url=plain_auth.url,
         backend_map={"alice": spark_server.address},
         extra_args=["--log-level", "WARNING", "--event-loop", "asyncio"],
     )
@@ -198,8 +219,8 @@ def run(workdir: Path) -> None:
             arrow_seconds(sessions[name])  # warm-up: JIT, caches, connections
         with PeakRss(proxy.child.pid) as peak:
             for round_ in range(ROUNDS):
-                for name, address in call_targets.items():
-                    latencies = unary_latencies(address, UNARY_CALLS)
+                by_target = interleaved_latencies(call_targets, UNARY_CALLS)
+                for name, latencies in by_target.items():
                     p50[name].append(percentile(latencies, 50))
                     p99[name].append(percentile(latencies, 99))
                 for name in targets:
@@ -233,6 +254,7 @@ def run(workdir: Path) -> None:
         plain_loop.stop()
         proxy.stop()
         auth.stop()
+        plain_auth.stop()
         spark_server.stop()
     _report(results)
     (workdir / "proxy.json").write_text(json.dumps(results, indent=2))
