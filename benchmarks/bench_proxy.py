@@ -7,7 +7,7 @@ noise hits all of them alike:
 - the latency a small unary call (Config get) gains through each proxy, p50 and p99;
 - the time of a 200 MB Arrow result (pyspark ``toArrow()``, 8 partitions);
 - calls per second with 50 concurrent clients (one channel each, grpc.aio, one process);
-- kbproxy's RSS when idle and its peak under load;
+- kbproxy's RSS when idle and its peak under load, and its CPU time per relayed call;
 - the same unary and throughput figures for a second kbproxy on asyncio's own event loop
   (``--event-loop asyncio``), to show what uvloop (kbproxy's default) is worth;
 - Auth2 requests per token per cache window (dev auth sends ``cachefor`` of CACHE_WINDOW_S).
@@ -141,7 +141,7 @@ def arrow_seconds(spark: Any) -> float:
     return elapsed
 
 
-async def _throughput(address: str) -> float:
+async def _throughput(address: str) -> tuple[float, int]:
     request = config_request()
     stop_at = time.perf_counter() + THROUGHPUT_SECONDS
     counts = [0] * CONCURRENCY
@@ -156,11 +156,17 @@ async def _throughput(address: str) -> float:
 
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(CONCURRENCY)))
-    return sum(counts) / (time.perf_counter() - started)
+    return sum(counts) / (time.perf_counter() - started), sum(counts) + CONCURRENCY
 
 
-def throughput(address: str) -> float:
+def throughput(address: str) -> tuple[float, int]:
+    """Calls per second with CONCURRENCY clients, and the number of calls made."""
     return asyncio.run(_throughput(address))
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def _mib(value: float) -> str:
@@ -212,6 +218,10 @@ def run(workdir: Path) -> None:
         p99: dict[str, list[float]] = {name: [] for name in call_targets}
         arrow: dict[str, list[float]] = {name: [] for name in call_targets}
         rate: dict[str, list[float]] = {name: [] for name in call_targets}
+        # CPU time of each kbproxy per relayed call: steadier than latency on a busy machine.
+        proxies = {"kbproxy": rss, ASYNCIO_ROW: psutil.Process(plain_loop.child.pid)}
+        cpu_seq: dict[str, list[float]] = {name: [] for name in proxies}
+        cpu_concurrent: dict[str, list[float]] = {name: [] for name in proxies}
         for name, address in targets.items():
             sessions[name] = SparkSession.builder.remote(
                 f"sc://{address}/;x-kbase-token={TOKEN};user_id=alice"
@@ -219,14 +229,23 @@ def run(workdir: Path) -> None:
             arrow_seconds(sessions[name])  # warm-up: JIT, caches, connections
         with PeakRss(proxy.child.pid) as peak:
             for round_ in range(ROUNDS):
+                before = {name: _cpu_seconds(process) for name, process in proxies.items()}
                 by_target = interleaved_latencies(call_targets, UNARY_CALLS)
+                for name, process in proxies.items():
+                    calls = len(by_target[name]) + 100  # with the warm-up calls
+                    cpu_seq[name].append((_cpu_seconds(process) - before[name]) / calls)
                 for name, latencies in by_target.items():
                     p50[name].append(percentile(latencies, 50))
                     p99[name].append(percentile(latencies, 99))
                 for name in targets:
                     arrow[name].append(arrow_seconds(sessions[name]))
                 for name, address in call_targets.items():
-                    rate[name].append(throughput(address))
+                    started_cpu = _cpu_seconds(proxies[name]) if name in proxies else 0.0
+                    per_second, calls = throughput(address)
+                    rate[name].append(per_second)
+                    if name in proxies:
+                        spent = _cpu_seconds(proxies[name]) - started_cpu
+                        cpu_concurrent[name].append(spent / calls)
                 print(f"round {round_ + 1}/{ROUNDS} done", flush=True)
         elapsed = time.monotonic() - first_auth_call
         auth_requests = auth.stats().get("token", 0)
@@ -241,6 +260,9 @@ def run(workdir: Path) -> None:
                 "arrow_200mb_s": median(arrow[name]) if arrow[name] else None,
                 "calls_per_s_50_clients": median(rate[name]),
             }
+            if name in proxies:
+                results[name]["cpu_us_per_call_sequential"] = median(cpu_seq[name]) * 1e6
+                results[name]["cpu_us_per_call_50_clients"] = median(cpu_concurrent[name]) * 1e6
         results["kbproxy_rss"] = {"idle": idle_rss, "peak_under_load": peak.peak}
         results["auth2"] = {
             "requests": auth_requests,
@@ -290,6 +312,12 @@ def _report(results: dict[str, Any]) -> None:
         + ", throughput/kbproxy's: "
         + ratio(results[ASYNCIO_ROW]["calls_per_s_50_clients"], kbproxy["calls_per_s_50_clients"])
     )
+    for name in ("kbproxy", ASYNCIO_ROW):
+        print(
+            f"{name} CPU per relayed call: "
+            f"{results[name]['cpu_us_per_call_sequential']:.0f} us sequential, "
+            f"{results[name]['cpu_us_per_call_50_clients']:.0f} us with 50 clients"
+        )
     rss = results["kbproxy_rss"]
     print(f"kbproxy RSS idle {_mib(rss['idle'])}, peak under load {_mib(rss['peak_under_load'])}")
     auth = results["auth2"]
