@@ -56,7 +56,9 @@ class BodyRelay(asyncio.BufferedProtocol):
         self._first = first
         self._buffer = memoryview(bytearray(min(BUFFER_SIZE, remaining)))
         self._direct = False  # write from the read callback (once the headers are out)
-        self._pending: memoryview | None = None  # a piece left for the task to write
+        self._pending: list[memoryview] = []  # pieces left for the task to write
+        self._offset = 0  # where in the buffer the transport reads to
+        self._end = 0  # where the waiting pieces end
         self._waiter: asyncio.Future[None] | None = None
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -71,17 +73,30 @@ class BodyRelay(asyncio.BufferedProtocol):
     # --- asyncio.BufferedProtocol, called by the upstream transport ---
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
+        # A transport may go on reading after pause_reading(), as Python 3.10's TLS does
+        # with the rest of a decrypted chunk: read after the waiting pieces, never over them.
+        self._offset = self._end if self._pending else 0
+        if self._offset == len(self._buffer):
+            self._buffer = memoryview(bytearray(len(self._buffer)))
+            self._offset = 0
+        return self._buffer[self._offset :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._last_read = self._loop.time()
         if nbytes > self.remaining:
             self.overrun = True  # bytes after the body: the connection cannot be reused
             nbytes = self.remaining
-        piece = self._buffer[:nbytes]
+        piece = self._buffer[self._offset : self._offset + nbytes]
         self.remaining -= nbytes
         client = self._client
-        if self._direct and not client.get_write_buffer_size() and not client.is_closing():
+        if not nbytes:
+            return
+        if (
+            self._direct
+            and not self._pending
+            and not client.get_write_buffer_size()
+            and not client.is_closing()
+        ):
             client.write(piece)
             self.sent += nbytes
             if client.get_write_buffer_size():
@@ -91,7 +106,8 @@ class BodyRelay(asyncio.BufferedProtocol):
                 self._wake()
             return
         self._upstream.pause_reading()
-        self._pending = piece
+        self._pending.append(piece)
+        self._end = self._offset + nbytes
         self._wake()
 
     def eof_received(self) -> bool:
@@ -110,7 +126,7 @@ class BodyRelay(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     def _check_timeout(self) -> None:
-        reading = self._pending is None and self.remaining and not self._eof
+        reading = not self._pending and self.remaining and not self._eof
         if reading and self._loop.time() - self._last_read >= self._timeout:
             self._timer = None
             self._timed_out = True
@@ -142,9 +158,9 @@ class BodyRelay(asyncio.BufferedProtocol):
         self._last_read = self._loop.time()
         self._timer = self._loop.call_at(self._last_read + read_timeout, self._check_timeout)
         try:
-            while self.remaining or self._pending is not None:
-                if self._pending is not None:
-                    piece, self._pending = self._pending, None
+            while self.remaining or self._pending:
+                if self._pending:
+                    piece = self._pending.pop(0)
                     await response.write(piece)  # waits while the client is backed up
                     self.sent += len(piece)
                     if self._client.get_write_buffer_size():
@@ -170,7 +186,7 @@ class BodyRelay(asyncio.BufferedProtocol):
         if self._lost:
             return
         self._upstream.set_protocol(self._original)
-        if self.remaining or self.overrun or self._pending is not None:
+        if self.remaining or self.overrun or self._pending:
             self._upstream.pause_reading()
             return  # the caller closes the response, and with it the connection
         self._upstream.resume_reading()  # an idle pooled connection watches for its close

@@ -187,7 +187,7 @@ async def test_large_body_over_https(tmp_path: Path, monkeypatch: pytest.MonkeyP
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             assert await fetch(http, f"{child.endpoint}/lake/full") == DIGEST
-            assert await fetch(http, f"{child.endpoint}/lake/full", pause_after=SIZE // 2) == DIGEST
+            assert await fetch(http, f"{child.endpoint}/lake/full", pause_after=PIECE) == DIGEST
         assert len(tls.peers) == 1, tls.peers
     finally:
         child.stop()
