@@ -110,7 +110,8 @@ class TokenCache:
 
 REJECTED_HINT = (
     "KBase rejected the token (invalid, expired or revoked): "
-    "log in again (kbdaemon login) or create a new token"
+    "log in again (kbdaemon login) or create a new token, then start a new Spark session "
+    "(create_spark_session())"
 )
 
 

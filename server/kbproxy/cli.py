@@ -220,7 +220,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvA
         type=parse_seconds,
         default=3600.0,
         metavar="SECONDS",
-        help="how long a session id routes token-less FetchErrorDetails calls (pyspark 4.0)",
+        help="how long a session id routes token-less FetchErrorDetails calls (pyspark 4.0.0.dev1)",
     )
     e.add(
         "--session-max",

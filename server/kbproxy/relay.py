@@ -194,7 +194,8 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             if ids.session_id:
                 raise Unauthenticated(
                     f"{method} without a token for a session this proxy has not seen "
-                    "(or not recently): upgrade pyspark (4.3 sends the token with it), or retry"
+                    "(or not recently): upgrade pyspark (released 4.0.0 and later send the "
+                    "token with it), or retry"
                 )
         identity = await self.authenticator.authenticate(token)
         return Route(identity.username, self.router.address_for(identity.username))

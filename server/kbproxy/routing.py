@@ -10,9 +10,9 @@ How it works::
 Nothing the client sends other than its token influences the result.
 
 ``SessionRoutes`` remembers, for a while, which user and backend each Spark Connect session id
-was seen with on authenticated calls, so that a pyspark 4.0 FetchErrorDetails call (sent without
-the token) can reach the same server. A session id is bound to its first user: a later call of
-another user with the same id does not move it.
+was seen with on authenticated calls, so that a FetchErrorDetails call of pyspark 4.0.0.dev1
+(sent without the token) can reach the same server. A session id is bound to its first user: a
+later call of another user with the same id does not move it.
 """
 
 from __future__ import annotations
