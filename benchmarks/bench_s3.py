@@ -280,6 +280,11 @@ def run(workdir: Path) -> None:
         f"{tput['proxy_vs_nginx_paired']:.3f}x paired (goal >= 1x)"
     )
     print(f"  nginx/direct {tput['nginx_vs_direct_paired']:.3f}x paired")
+    print(
+        f"  CPU per GiB relayed: proxy {tput['proxy_proxy_cpu_s']:.2f} s, "
+        f"nginx {tput['nginx_nginx_cpu_s']:.2f} s "
+        f"({ratio(tput['proxy_proxy_cpu_s'], tput['nginx_nginx_cpu_s'])} of nginx's)"
+    )
     print(f"  machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{RANGED} ranged 64 KiB GETs:")
     for name in ("direct", "proxy", "nginx"):
