@@ -192,3 +192,30 @@ async def test_large_body_over_https(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         child.stop()
         await tls.stop()
+
+
+def test_uvloop_lends_its_transports_the_same_way(relays: list[bool]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        pytest.fail("uvloop is missing: pip install -c constraints.txt uvloop")
+
+    async def scenario() -> Upstream:
+        server = Upstream()
+        await server.start()
+        proxy = S3Proxy(upstream=server.url, allow_http_hosts=["127.0.0.1"], read_timeout=2)
+        await proxy.start()
+        try:
+            async with httpx.AsyncClient(timeout=30) as http:
+                assert await fetch(http, f"{proxy.endpoint}/lake/full") == DIGEST
+                assert await fetch(http, f"{proxy.endpoint}/lake/full", pause_after=PIECE) == DIGEST
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await fetch(http, f"{proxy.endpoint}/lake/short")
+        finally:
+            await proxy.close()
+            await server.stop()
+        return server
+
+    server = uvloop.run(scenario())
+    assert relays == [True, True, True]
+    assert len(server.peers) == 1, server.peers  # the failed body's connection was the pooled one
