@@ -22,7 +22,9 @@ Once the body is complete the transport gets its aiohttp protocol back and the r
 marked complete, so the connection returns to the pool as after any other response; after a
 failure it is closed instead. A client transport that keeps part of a piece unsent may hold a
 view of the buffer, so the next read goes into a fresh one. The read timeout counts only time
-spent waiting for the upstream, as aiohttp's ``sock_read`` does.
+spent waiting for the upstream, never time spent waiting for a slow client. aiohttp's own
+``sock_read`` timer, armed before the take-over, may fire during a relay that lasts longer; it
+only makes aiohttp close the connection on release instead of pooling it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class BodyRelay(asyncio.BufferedProtocol):
         self._offset = 0  # where in the buffer the transport reads to
         self._end = 0  # where the waiting pieces end
         self._waiter: asyncio.Future[None] | None = None
+        self._writing = False  # the task waits for the client: no upstream read is due
         self._timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._last_read = 0.0
@@ -127,7 +130,7 @@ class BodyRelay(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     def _check_timeout(self) -> None:
-        reading = not self._pending and self.remaining and not self._eof
+        reading = not (self._pending or self._writing) and self.remaining and not self._eof
         if reading and self._loop.time() - self._last_read >= self._timeout:
             self._timer = None
             self._timed_out = True
@@ -162,7 +165,11 @@ class BodyRelay(asyncio.BufferedProtocol):
             while self.remaining or self._pending:
                 if self._pending:
                     piece = self._pending.pop(0)
-                    await response.write(piece)  # waits while the client is backed up
+                    self._writing = True
+                    try:
+                        await response.write(piece)  # waits while the client is backed up
+                    finally:
+                        self._writing = False
                     self.sent += len(piece)
                     if self._client.get_write_buffer_size():
                         self._buffer = memoryview(bytearray(len(self._buffer)))

@@ -118,8 +118,10 @@ def relays(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return taken
 
 
-async def fetch(http: httpx.AsyncClient, url: str, *, pause_after: int = 0) -> str:
-    """The SHA-256 of the body; ``pause_after`` bytes in, the client stops reading a while."""
+async def fetch(
+    http: httpx.AsyncClient, url: str, *, pause_after: int = 0, pause: float = 0.5
+) -> str:
+    """The SHA-256 of the body; ``pause_after`` bytes in, the client stops reading ``pause`` s."""
     digest = hashlib.sha256()
     received = 0
     async with http.stream("GET", url) as response:
@@ -127,7 +129,7 @@ async def fetch(http: httpx.AsyncClient, url: str, *, pause_after: int = 0) -> s
         assert response.headers["Content-Length"] == str(SIZE)
         async for chunk in response.aiter_raw(PIECE):
             if received < pause_after <= received + len(chunk):
-                await asyncio.sleep(0.5)  # the proxy's socket and transport fill up meanwhile
+                await asyncio.sleep(pause)  # the proxy's socket and transport fill up meanwhile
             digest.update(chunk)
             received += len(chunk)
     assert received == SIZE
@@ -144,6 +146,17 @@ async def test_large_bodies_arrive_whole_over_one_reused_connection(
     assert relays == [True, True, True]
     # Redirects and bodies alike went over the one pooled connection.
     assert len(upstream.peers) == 1, upstream.peers
+
+
+async def test_a_client_pausing_longer_than_the_read_timeout_gets_the_whole_body(
+    upstream: Upstream, proxy: S3Proxy, relays: list[bool]
+) -> None:
+    """The read timeout (2 s here) counts waiting for the upstream, never for the client."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        url = f"{proxy.endpoint}/lake/full"
+        assert await fetch(http, url, pause_after=SIZE // 4, pause=3.5) == DIGEST
+        assert await fetch(http, url) == DIGEST
+    assert relays == [True, True]
 
 
 @pytest.mark.parametrize("mode", ["short", "stall"])
