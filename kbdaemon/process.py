@@ -20,7 +20,7 @@ from typing import IO
 
 from kbclient._daemon import DaemonAnswerError, request, transport
 from kbclient._profiles import Config
-from kbdaemon import api
+from kbdaemon import _loop, api
 from kbdaemon.control import read_pid, socket_answers
 from kbdaemon.daemon import Daemon, KBaseChecker
 from kbdaemon.errors import AlreadyRunningError, DaemonStartError, KBDaemonError
@@ -155,7 +155,7 @@ def run_daemon(
             ),
             SecretFilter(),
         )
-        asyncio.run(
+        _loop.run(
             _serve(paths=paths, config=config, keystore=keystore, ready=ready, secrets=secrets)
         )
     finally:

@@ -15,7 +15,8 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from kbdaemon import exitcodes
+from kbdaemon import _loop, exitcodes
+from kbdaemon.errors import KBDaemonError
 
 if TYPE_CHECKING:
     from kbdaemon.s3proxy import S3Proxy
@@ -86,10 +87,13 @@ def cmd_s3_proxy(args: argparse.Namespace) -> int:
         print(f"kbdaemon s3-proxy: {exc.message}", file=sys.stderr)
         return exitcodes.USAGE
     try:
-        return asyncio.run(_serve(proxy))
+        return _loop.run(_serve(proxy))
     except S3ProxyError as exc:
         print(f"kbdaemon s3-proxy: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except KBDaemonError as exc:
+        print(f"kbdaemon s3-proxy: {exc}", file=sys.stderr)
+        return exitcodes.USAGE
 
 
 async def _serve(proxy: S3Proxy) -> int:
