@@ -56,28 +56,23 @@ class PooledChannel:
     channel: grpc.aio.Channel
     active: int = 0
     idle_since: float = 0.0
-    _unary_unary: dict[str, Any] = field(default_factory=dict)
-    _unary_stream: dict[str, Any] = field(default_factory=dict)
-    _stream_stream: dict[str, Any] = field(default_factory=dict)
+    _methods: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def _method(self, kind: str, path: str) -> Any:
+        """The channel's multicallable of ``kind`` for ``path``, made once (bytes in, bytes out)."""
+        method = self._methods.get((kind, path))
+        if method is None:
+            method = self._methods[kind, path] = getattr(self.channel, kind)(path)
+        return method
 
     def unary_unary(self, path: str) -> Any:
-        """The channel's unary-unary multicallable for ``path`` (bytes in, bytes out)."""
-        method = self._unary_unary.get(path)
-        if method is None:
-            method = self._unary_unary[path] = self.channel.unary_unary(path)
-        return method
+        return self._method("unary_unary", path)
 
     def unary_stream(self, path: str) -> Any:
-        method = self._unary_stream.get(path)
-        if method is None:
-            method = self._unary_stream[path] = self.channel.unary_stream(path)
-        return method
+        return self._method("unary_stream", path)
 
     def stream_stream(self, path: str) -> Any:
-        method = self._stream_stream.get(path)
-        if method is None:
-            method = self._stream_stream[path] = self.channel.stream_stream(path)
-        return method
+        return self._method("stream_stream", path)
 
 
 class ChannelPool:
