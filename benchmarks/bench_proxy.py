@@ -8,8 +8,8 @@ noise hits all of them alike:
 - the time of a 200 MB Arrow result (pyspark ``toArrow()``, 8 partitions);
 - calls per second with 50 concurrent clients (one channel each, grpc.aio, one process);
 - kbproxy's RSS when idle and its peak under load, and its CPU time per relayed call;
-- the same unary and throughput figures for a second kbproxy on asyncio's own event loop
-  (``--event-loop asyncio``), to show what uvloop (kbproxy's default) is worth;
+- the same unary and throughput figures for a second kbproxy whose calls all go through the
+  gRPC relay (``--data-path grpc``), to show what the fast data path (the default) is worth;
 - Auth2 requests per token per cache window (dev auth sends ``cachefor`` of CACHE_WINDOW_S).
 
 nginx is Debian's nginx-light (installed with apt-get when missing), configured as DESIGN.md
@@ -48,7 +48,7 @@ ARROW_ROWS = 12_500_000  # two bigint columns: 200 MB
 CONCURRENCY = 50
 THROUGHPUT_SECONDS = 5.0
 CONFIG_METHOD = "/spark.connect.SparkConnectService/Config"
-ASYNCIO_ROW = "kbproxy-asyncio"
+GRPC_ROW = "kbproxy-grpc"
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -190,15 +190,15 @@ def run(workdir: Path) -> None:
         extra_args=["--log-level", "WARNING"],
     )
     plain_auth = start_dev_auth(  # its own, so that `auth` counts kbproxy's requests only
-        base / "auth-asyncio",
+        base / "auth-grpc",
         {TOKEN: {"user": "alice", "mfa": "Used", "expires": None}},
         cachefor_ms=CACHE_WINDOW_S * 1000,
     )
-    plain_loop = start_kbproxy(
-        base / "kbproxy-asyncio",
+    grpc_path = start_kbproxy(
+        base / "kbproxy-grpc",
         auth_url=plain_auth.url,
         backend_map={"alice": spark_server.address},
-        extra_args=["--log-level", "WARNING", "--event-loop", "asyncio"],
+        extra_args=["--log-level", "WARNING", "--data-path", "grpc"],
     )
     nginx, nginx_port = start_nginx(base / "nginx", spark_server.port)
     targets = {
@@ -206,7 +206,7 @@ def run(workdir: Path) -> None:
         "kbproxy": proxy.address,
         "nginx": f"127.0.0.1:{nginx_port}",
     }
-    call_targets = {**targets, ASYNCIO_ROW: plain_loop.address}
+    call_targets = {**targets, GRPC_ROW: grpc_path.address}
     sessions: dict[str, Any] = {}
     results: dict[str, Any] = {}
     first_auth_call = time.monotonic()
@@ -219,7 +219,7 @@ def run(workdir: Path) -> None:
         arrow: dict[str, list[float]] = {name: [] for name in call_targets}
         rate: dict[str, list[float]] = {name: [] for name in call_targets}
         # CPU time of each kbproxy per relayed call: steadier than latency on a busy machine.
-        proxies = {"kbproxy": rss, ASYNCIO_ROW: psutil.Process(plain_loop.child.pid)}
+        proxies = {"kbproxy": rss, GRPC_ROW: psutil.Process(grpc_path.child.pid)}
         cpu_seq: dict[str, list[float]] = {name: [] for name in proxies}
         cpu_concurrent: dict[str, list[float]] = {name: [] for name in proxies}
         for name, address in targets.items():
@@ -273,7 +273,7 @@ def run(workdir: Path) -> None:
         for spark in sessions.values():
             spark.stop()
         nginx.stop()
-        plain_loop.stop()
+        grpc_path.stop()
         proxy.stop()
         auth.stop()
         plain_auth.stop()
@@ -289,7 +289,7 @@ def _report(results: dict[str, Any]) -> None:
         f"{'':16} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} {'+p99 ms':>8} "
         f"{'200MB s':>8} {'calls/s':>8}"
     )
-    rows = ("direct", "kbproxy", "nginx", ASYNCIO_ROW)
+    rows = ("direct", "kbproxy", "nginx", GRPC_ROW)
     for name, row in ((name, results[name]) for name in rows):
         arrow = "-" if row["arrow_200mb_s"] is None else f"{row['arrow_200mb_s']:.2f}"
         print(
@@ -307,12 +307,12 @@ def _report(results: dict[str, Any]) -> None:
         + ratio(kbproxy["calls_per_s_50_clients"], direct["calls_per_s_50_clients"])
         + ", nginx/direct: "
         + ratio(nginx["calls_per_s_50_clients"], direct["calls_per_s_50_clients"])
-        + f"; {ASYNCIO_ROW} added p50/kbproxy's: "
-        + ratio(results[ASYNCIO_ROW]["added_p50_ms"], kbproxy["added_p50_ms"])
+        + f"; {GRPC_ROW} added p50/kbproxy's: "
+        + ratio(results[GRPC_ROW]["added_p50_ms"], kbproxy["added_p50_ms"])
         + ", throughput/kbproxy's: "
-        + ratio(results[ASYNCIO_ROW]["calls_per_s_50_clients"], kbproxy["calls_per_s_50_clients"])
+        + ratio(results[GRPC_ROW]["calls_per_s_50_clients"], kbproxy["calls_per_s_50_clients"])
     )
-    for name in ("kbproxy", ASYNCIO_ROW):
+    for name in ("kbproxy", GRPC_ROW):
         print(
             f"{name} CPU per relayed call: "
             f"{results[name]['cpu_us_per_call_sequential']:.0f} us sequential, "

@@ -212,20 +212,32 @@ class Authenticator:
         self.counters = AuthCounters()
         self._in_flight: dict[bytes, asyncio.Task[Identity | Unauthenticated]] = {}
 
-    async def authenticate(self, token: str | None) -> Identity:
-        """The token's identity; raises Unauthenticated, PermissionDenied or AuthUnavailable."""
+    def cached(self, token: str | None) -> Identity | None:
+        """The token's identity if the cache knows it (policy checked), else None.
+
+        Raises Unauthenticated (no token, or a cached refusal) or PermissionDenied, as
+        ``authenticate`` does; never waits.
+        """
         if not token:
             raise Unauthenticated(MISSING_HINT)
-        key = token_key(token)
-        result = self.cache.get(key)
-        if result is not None:
-            if isinstance(result, Unauthenticated):
-                self.counters.negative_hits += 1
-            else:
-                self.counters.hits += 1
-        else:
-            self.counters.misses += 1
-            result = await self._fetch(key, token)
+        result = self.cache.get(token_key(token))
+        if result is None:
+            return None
+        if isinstance(result, Unauthenticated):
+            self.counters.negative_hits += 1
+            raise Unauthenticated(str(result))
+        self.counters.hits += 1
+        self.policy.check(result)
+        return result
+
+    async def authenticate(self, token: str | None) -> Identity:
+        """The token's identity; raises Unauthenticated, PermissionDenied or AuthUnavailable."""
+        identity = self.cached(token)
+        if identity is not None:
+            return identity
+        assert token
+        self.counters.misses += 1
+        result = await self._fetch(token_key(token), token)
         if isinstance(result, Unauthenticated):
             raise Unauthenticated(str(result))
         self.policy.check(result)

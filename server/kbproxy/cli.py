@@ -24,6 +24,7 @@ from kbproxy.options import (
     MIB,
     EnvArgs,
     parse_count,
+    parse_data_path,
     parse_event_loop,
     parse_host_port,
     parse_log_format,
@@ -245,6 +246,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvA
     )
     e.add("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
     e.add(
+        "--data-path",
+        type=parse_data_path,
+        default="fast",
+        metavar="fast|grpc",
+        help="fast: an HTTP/2 relay binds each client connection to its user's server and "
+        "hands anything else to the gRPC relay; grpc: every call goes through the gRPC relay",
+    )
+    e.add(
         "--event-loop",
         type=parse_event_loop,
         default="auto",
@@ -296,6 +305,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         drain_grace=args.drain_grace,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        data_path=args.data_path,
     )
 
 

@@ -138,3 +138,9 @@ def parse_event_loop(value: str) -> str:
     if value not in EVENT_LOOPS:
         raise argparse.ArgumentTypeError(f"expected auto, uvloop or asyncio, got {value!r}")
     return value
+
+
+def parse_data_path(value: str) -> str:
+    if value not in ("fast", "grpc"):
+        raise argparse.ArgumentTypeError(f"expected fast or grpc, got {value!r}")
+    return value

@@ -4,8 +4,12 @@ How it works::
 
     start: Auth2 client, token cache, router, channel pool, relay, health (SERVING),
            stats port, pool sweeper; prints "kbproxy listening on HOST:PORT" when ready
-    SIGTERM/SIGINT: health NOT_SERVING, /readyz 503, server.stop(grace): no new calls,
-           running calls get up to `drain_grace` seconds; then everything is closed
+    data path "fast" (default): the public port is the HTTP/2 relay of ``kbproxy.fastpath``;
+           the gRPC server (relay + health) listens on a loopback port for the connections
+           it hands off. Data path "grpc": the gRPC server is the public port.
+    SIGTERM/SIGINT: health NOT_SERVING, /readyz 503; the fast path stops accepting and sends
+           GOAWAY, server.stop(grace): no new calls; running calls get up to `drain_grace`
+           seconds; then everything is closed
 
 Settings are one frozen dataclass, filled by the CLI from flags and ``KBPROXY_*`` variables.
 """
@@ -18,7 +22,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
 from kbproxy.errors import ConfigError, ListenError
+from kbproxy.fastpath import FastPath, tls_context
 from kbproxy.options import MIB
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
@@ -36,6 +41,8 @@ from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
 from kbproxy.stats import Stats, stats_app
 
 log = logging.getLogger(__name__)
+
+DATA_PATHS = ("fast", "grpc")
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Settings:
     drain_grace: float = 25.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    data_path: str = "fast"
 
 
 class ProxyServer:
@@ -103,6 +111,9 @@ class ProxyServer:
             connect_timeout=s.connect_timeout,
             observer=self.stats,
         )
+        self.fastpath: FastPath | None = None
+        if s.data_path not in DATA_PATHS:
+            raise ConfigError(f"data path {s.data_path!r}: expected one of {', '.join(DATA_PATHS)}")
         self.health = health.aio.HealthServicer()
         self.draining = False
         self.port = 0
@@ -138,7 +149,25 @@ class ProxyServer:
         server.add_generic_rpc_handlers((self.relay,))
         host = f"[{s.listen[0]}]" if ":" in s.listen[0] else s.listen[0]
         address = f"{host}:{s.listen[1]}"
-        if s.tls_cert is not None and s.tls_key is not None:
+        if s.data_path == "fast":
+            # the gRPC relay takes the connections the fast path hands off, on loopback only
+            internal = server.add_insecure_port("127.0.0.1:0")
+            if internal == 0:
+                raise ListenError("cannot listen on a loopback port for the gRPC relay")
+            context = None
+            if s.tls_cert is not None and s.tls_key is not None:
+                context = tls_context(s.tls_cert, s.tls_key)
+            self.fastpath = FastPath(
+                authenticator=self.authenticator,
+                router=self.router,
+                sessions=self.sessions,
+                observer=self.stats,
+                internal=("127.0.0.1", internal),
+                connect_timeout=s.connect_timeout,
+                ssl_context=context,
+            )
+            self.stats.connections = self.fastpath.counts
+        elif s.tls_cert is not None and s.tls_key is not None:
             try:
                 pair = (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
             except OSError as exc:
@@ -146,16 +175,20 @@ class ProxyServer:
             add_port = functools.partial(
                 server.add_secure_port, server_credentials=grpc.ssl_server_credentials([pair])
             )
+            self.port = _add_port(add_port, address)
         else:
-            add_port = server.add_insecure_port
-        try:
-            self.port = add_port(address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise ListenError(f"cannot listen on {address}: the address is in use or not local")
+            self.port = _add_port(server.add_insecure_port, address)
         await server.start()
         self._server = server
+        if self.fastpath is not None:
+            try:
+                self.port = await self.fastpath.start(s.listen[0], s.listen[1])
+            except OSError as exc:
+                await server.stop(None)
+                raise ListenError(
+                    f"cannot listen on {address}: {exc.strerror or exc}; the address is in use "
+                    "or not local"
+                ) from None
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(
             "spark.connect.SparkConnectService", health_pb2.HealthCheckResponse.SERVING
@@ -186,8 +219,13 @@ class ProxyServer:
             self.stats.active,
         )
         await self.health.enter_graceful_shutdown()
+        grace = self.settings.drain_grace
+        stopping = []
+        if self.fastpath is not None:
+            stopping.append(self.fastpath.drain(grace))
         if self._server is not None:
-            await self._server.stop(self.settings.drain_grace)
+            stopping.append(self._server.stop(grace))
+        await asyncio.gather(*stopping)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -200,6 +238,16 @@ class ProxyServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _add_port(add_port: Callable[[str], int], address: str) -> int:
+    try:
+        port = add_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ListenError(f"cannot listen on {address}: the address is in use or not local")
+    return port
 
 
 async def serve(settings: Settings) -> None:

@@ -50,6 +50,7 @@ class Stats(CallObserver):
         self.calls: Counter[tuple[str, str]] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.connections: Callable[[], dict[str, int]] | None = None
         self.registry = CollectorRegistry()
         self._duration = Histogram(
             "kbproxy_call_duration_seconds",
@@ -117,6 +118,7 @@ class Stats(CallObserver):
                 "closed": self.pool.closed,
             },
             "sessions": len(self.sessions),
+            "connections": self.connections() if self.connections is not None else None,
         }
 
 
@@ -197,6 +199,17 @@ class _Snapshot(Collector):
             "Users with calls in progress",
             value=len(self.stats.active_by_user),
         )
+        if self.stats.connections is not None:
+            counts = self.stats.connections()
+            open_now = GaugeMetricFamily(
+                "kbproxy_client_connections",
+                "Client connections: bound to a user's server, handed to the gRPC relay",
+                labels=["state"],
+            )
+            open_now.add_metric(["bound"], counts["bound"])
+            open_now.add_metric(["handed_off"], counts["handed_off"])
+            open_now.add_metric(["other"], counts["open"] - counts["bound"] - counts["handed_off"])
+            yield open_now
         yield GaugeMetricFamily(
             "kbproxy_sessions",
             "Sessions remembered for FetchErrorDetails",

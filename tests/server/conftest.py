@@ -82,10 +82,15 @@ def raw_call(
     token: str | None = None,
     metadata: tuple[tuple[str, str], ...] = (),
     timeout: float = 30,
+    own_connection: bool = False,
 ) -> bytes:
-    """One unary call with a raw gRPC channel; raises grpc.RpcError on a non-OK status."""
+    """One unary call with a raw gRPC channel; raises grpc.RpcError on a non-OK status.
+
+    Channels of one process share their connections unless ``own_connection`` is set.
+    """
     md = (("x-kbase-token", token), *metadata) if token else metadata
-    with grpc.insecure_channel(address) as channel:
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    with grpc.insecure_channel(address, options=options) as channel:
         response: bytes = channel.unary_unary(SERVICE + method)(
             request, metadata=md, timeout=timeout
         )

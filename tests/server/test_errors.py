@@ -116,7 +116,15 @@ def test_concurrent_cold_calls_make_one_auth2_request(
     joins_before = kbproxy.stats()["auth"]["single_flight_joins"]  # type: ignore[index]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         calls = [
-            pool.submit(raw_call, kbproxy.address, "Config", config_request(), token=token)
+            # a connection each: the first calls of one token on many connections at once
+            pool.submit(
+                raw_call,
+                kbproxy.address,
+                "Config",
+                config_request(),
+                token=token,
+                own_connection=True,
+            )
             for _ in range(16)
         ]
         ports = {config_port(call.result()) for call in calls}

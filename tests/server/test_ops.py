@@ -79,7 +79,7 @@ def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
             for line in proxy.child.log_text().splitlines()
             if line.startswith("{") and '"kbproxy.access"' in line
         ]
-        assert len(access) == 9
+        assert len(access) == 9, "\n".join(a["message"] for a in access)
         assert {(a["user"], a["method"], a["code"]) for a in access} == {
             ("alice", "Config", "OK"),
             ("bob", "Config", "OK"),
