@@ -465,7 +465,11 @@ class Connection(asyncio.Protocol):
                     if flags & END_STREAM:
                         self._refused.discard(stream_id)
             elif ftype == HEADERS:
-                block_end, block = self._header_block(buf, pos, end, flags)
+                try:
+                    block_end, block = self._header_block(buf, pos, end, flags)
+                except ValueError as exc:
+                    self._protocol_error(f"a HEADERS frame that does not parse ({exc})")
+                    return
                 if block_end < 0:
                     break  # CONTINUATION frames still to come
                 if block is None:
@@ -908,7 +912,12 @@ class Connection(asyncio.Protocol):
 
     def _upstream_frame(self, ftype: int, flags: int, stream_id: int, payload: bytes) -> None:
         if ftype in (HEADERS, PUSH_PROMISE):
-            self._u_block = bytearray(header_block_fragment(ftype, flags, payload))
+            try:
+                fragment = header_block_fragment(ftype, flags, payload)
+            except ValueError:
+                log.warning("a Spark Connect server sent a frame that does not parse")
+                fragment = b""
+            self._u_block = bytearray(fragment)
             self._u_block_stream = stream_id
             self._u_block_end = bool(flags & END_STREAM) and ftype == HEADERS
             self._u_block_push = ftype == PUSH_PROMISE
