@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import struct
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import unquote
@@ -71,6 +72,7 @@ HELD_BYTES_LIMIT = 16 * 1024 * 1024
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
+FRAME_HEADER = struct.Struct(">HBBBL")  # length (24 bits as 16 + 8), type, flags, stream id
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 RST_CODES = {CANCEL: grpc.StatusCode.CANCELLED, REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE}
 
@@ -442,13 +444,12 @@ class Connection(asyncio.Protocol):
         run = pos  # start of bytes forwarded as read
         credit = 0
         while self._held is None and n - pos >= 9:
-            length = int.from_bytes(buf[pos : pos + 3], "big")
-            ftype = buf[pos + 3]
-            flags = buf[pos + 4]
-            stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            end = pos + 9 + length
+            high, low, ftype, flags, stream_id = FRAME_HEADER.unpack_from(buf, pos)
+            end = pos + 9 + (high << 8 | low)
             if end > n:
                 break
+            length = end - pos - 9
+            stream_id &= 0x7FFFFFFF
             if ftype == DATA:
                 call = self._calls.get(stream_id)
                 if call is not None:
@@ -465,8 +466,12 @@ class Connection(asyncio.Protocol):
                     if flags & END_STREAM:
                         self._refused.discard(stream_id)
             elif ftype == HEADERS:
+                block: bytes | None
                 try:
-                    block_end, block = self._header_block(buf, pos, end, flags)
+                    if flags & (END_HEADERS | PADDED | PRIORITY_FLAG) == END_HEADERS:
+                        block_end, block = end, bytes(buf[pos + 9 : end])
+                    else:
+                        block_end, block = self._header_block(buf, pos, end, flags)
                 except ValueError as exc:
                     self._protocol_error(f"a HEADERS frame that does not parse ({exc})")
                     return
@@ -882,12 +887,12 @@ class Connection(asyncio.Protocol):
                     if len(self._u_head) < 9:
                         continue
                     head, self._u_head = self._u_head, b""
+                    high, low, ftype, flags, stream_id = FRAME_HEADER.unpack(head)
                 else:
-                    head = data[pos : pos + 9]
+                    high, low, ftype, flags, stream_id = FRAME_HEADER.unpack_from(data, pos)
                     pos += 9
-                length = int.from_bytes(head[:3], "big")
-                ftype, flags = head[3], head[4]
-                stream_id = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+                length = high << 8 | low
+                stream_id &= 0x7FFFFFFF
                 if ftype == DATA:
                     call = self._calls.get(stream_id)
                     if call is not None:
@@ -896,10 +901,12 @@ class Connection(asyncio.Protocol):
                             self._end_call(stream_id, grpc.StatusCode.UNKNOWN, "no trailers")
                     self._u_skip = length
                 elif ftype in (HEADERS, CONTINUATION, PUSH_PROMISE, RST_STREAM, GOAWAY):
-                    if length:
-                        self._u_frame = (ftype, flags, stream_id, length)
+                    if n - pos >= length:  # the whole frame is here
+                        payload = data[pos : pos + length]
+                        pos += length
+                        self._upstream_frame(ftype, flags, stream_id, payload)
                     else:
-                        self._upstream_frame(ftype, flags, stream_id, b"")
+                        self._u_frame = (ftype, flags, stream_id, length)
                 else:
                     self._u_skip = length
             if writer is not None and self._inject and self._u_at_boundary():
