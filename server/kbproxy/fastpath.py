@@ -637,12 +637,12 @@ class Connection(asyncio.Protocol):
             # connection, which is bound to the user of its first call.
             self._move_on(held)
             return
-        record = CallRecord(method=held.head.method or held.head.path)
-        record.user, record.backend, record.by_session, record.routed = (
-            username,
-            self.backend,
-            by_session,
-            True,
+        record = CallRecord(
+            method=held.head.method or held.head.path,
+            user=username,
+            backend=self.backend,
+            by_session=by_session,
+            routed=True,
         )
         observer = self.path.observer
         observer.started(record)
@@ -710,8 +710,7 @@ class Connection(asyncio.Protocol):
         code: grpc.StatusCode,
         details: str,
     ) -> None:
-        record = CallRecord(method=head.method or head.path)
-        record.code, record.details = code, details
+        record = CallRecord(method=head.method or head.path, code=code, details=details)
         self.path.observer.started(record)
         self.path.observer.finished(record)
         frames = status_frames(stream_id, code, details, headers_sent=False)

@@ -140,7 +140,10 @@ def parse_event_loop(value: str) -> str:
     return value
 
 
+DATA_PATHS = ("fast", "grpc")
+
+
 def parse_data_path(value: str) -> str:
-    if value not in ("fast", "grpc"):
+    if value not in DATA_PATHS:
         raise argparse.ArgumentTypeError(f"expected fast or grpc, got {value!r}")
     return value

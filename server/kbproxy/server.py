@@ -34,15 +34,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
 from kbproxy.errors import ConfigError, ListenError
 from kbproxy.fastpath import FastPath, tls_context
-from kbproxy.options import MIB
+from kbproxy.options import DATA_PATHS, MIB
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
 from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
 from kbproxy.stats import Stats, stats_app
 
 log = logging.getLogger(__name__)
-
-DATA_PATHS = ("fast", "grpc")
 
 
 @dataclass(frozen=True)

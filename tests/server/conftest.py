@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,14 +99,34 @@ def raw_call(
 
 
 @contextmanager
-def grpc_backend(handler: grpc.GenericRpcHandler) -> Iterator[int]:
+def grpc_backend(
+    handler: grpc.GenericRpcHandler, options: list[tuple[str, Any]] | None = None
+) -> Iterator[int]:
     """A plain gRPC server on loopback answering with ``handler`` (a stand-in backend); its port."""
     from concurrent import futures
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(handler,))
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(handler,), options=options)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
         yield port
     finally:
         server.stop(0)
+
+
+class HeldBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Every call waits for ``release`` (at most ``hold`` seconds), then answers ``answer``."""
+
+    def __init__(self, answer: bytes = b"", hold: float = 60) -> None:
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+        self._answer = answer
+        self._hold = hold
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
+            self.arrived.set()
+            self.release.wait(self._hold)
+            return self._answer
+
+        return grpc.unary_unary_rpc_method_handler(answer)

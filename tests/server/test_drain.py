@@ -21,30 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from testbed.auth import DevAuthServer
 from testbed.proxy import start_kbproxy
 from tests.conftest import ALICE_TOKEN
-from tests.server.conftest import grpc_backend, raw_call
+from tests.server.conftest import HeldBackend, grpc_backend, raw_call
 
 ANSWER = b"\x0a\x05done!"
 
 
-class HeldBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Every call waits for ``release`` before it answers ``ANSWER``."""
-
-    def __init__(self) -> None:
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
-            self.arrived.set()
-            self.release.wait(60)
-            return ANSWER
-
-        return grpc.unary_unary_rpc_method_handler(answer)
-
-
 @pytest.fixture
 def held_backend() -> Iterator[tuple[HeldBackend, int]]:
-    handler = HeldBackend()
+    handler = HeldBackend(ANSWER)
     with grpc_backend(handler) as port:
         try:
             yield handler, port

@@ -26,7 +26,13 @@ from testbed.procs import ChildProcess, free_port, port_open
 from testbed.proxy import KbproxyServer, start_kbproxy
 from testbed.spark import SparkConnectServer
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, TEST_TOKENS
-from tests.server.conftest import SERVICE, config_port, config_request
+from tests.server.conftest import (
+    SERVICE,
+    HeldBackend,
+    config_port,
+    config_request,
+    grpc_backend,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -231,27 +237,10 @@ class EchoBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(answer)
 
 
-@contextmanager
-def echo_backend() -> Iterator[int]:
-    from concurrent import futures
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(4),
-        handlers=(EchoBackend(),),
-        options=[("grpc.max_metadata_size", BIG_METADATA)],
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop(0)
-
-
 def test_header_blocks_larger_than_a_frame_pass_both_ways(
     tmp_path: Path, dev_auth: DevAuthServer
 ) -> None:
-    with echo_backend() as port:
+    with grpc_backend(EchoBackend(), [("grpc.max_metadata_size", BIG_METADATA)]) as port:
         proxy = start_kbproxy(
             tmp_path, auth_url=dev_auth.url, backend_map={"alice": f"127.0.0.1:{port}"}
         )
@@ -373,22 +362,6 @@ server.wait_for_termination()
 """
 
 
-class BlockingBackend(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Every call blocks until ``release`` (or the server stops)."""
-
-    def __init__(self) -> None:
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        def answer(request: bytes, context: grpc.ServicerContext) -> bytes:
-            self.arrived.set()
-            self.release.wait(30)
-            return b""
-
-        return grpc.unary_unary_rpc_method_handler(answer)
-
-
 def held_call(channel: grpc.Channel, outcome: list[object]) -> threading.Thread:
     """Start alice's Config on ``channel`` in a thread that puts its result in ``outcome``."""
 
@@ -465,7 +438,7 @@ def test_backend_stopping_during_a_call_on_a_bound_connection(
     # A gRPC server that stops says so (GOAWAY), which reaches the client as the server sent it.
     from concurrent import futures
 
-    backend = BlockingBackend()
+    backend = HeldBackend(hold=30)  # blocks until released or the server stops
     server = grpc.server(futures.ThreadPoolExecutor(4), handlers=(backend,))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
