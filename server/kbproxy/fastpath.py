@@ -19,6 +19,8 @@ How it works, per client connection::
              header blocks are re-encoded without the dynamic table, everything else is
              forwarded as read. A refused stream is answered here (trailers-only response) and
              never reaches the server; its DATA is dropped and credited back (WINDOW_UPDATE).
+             A call of another user, a health check or another service moves the connection
+             on: GOAWAY + REFUSED_STREAM, and the client retries it on a new connection.
            server -> client: bytes are forwarded as read, and parsed on the side for the
              statistics (status, bytes) and to find frame boundaries for frames of our own.
 
@@ -563,16 +565,12 @@ class Connection(asyncio.Protocol):
             self._refuse_stream(stream_id, end_stream, rst=REFUSED_STREAM)
             return
         if head.method is None:
+            # health checks and other services are the gRPC relay's: on a bound connection,
+            # the client retries the call on a new connection, which is handed off
             if self.state == UNBOUND:
                 self._handoff()
-                return
-            self._refuse(
-                stream_id,
-                head,
-                end_stream,
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"Method not found: {head.path} (kbproxy relays {PREFIX[1:-1]} only)",
-            )
+            else:
+                self._move_on(_Held(stream_id, head, end_stream))
             return
         held = _Held(stream_id, head, end_stream)
         if head.token is None:
@@ -634,7 +632,7 @@ class Connection(asyncio.Protocol):
         if username != self.username:
             # Another user's call on this connection (channels of one process share
             # connections): ask the client to carry it, and every later call, on a new
-            # connection, which is bound to the user of its first call.
+            # connection, which is bound to the user of its first call (or handed off).
             self._move_on(held)
             return
         record = CallRecord(
@@ -1081,7 +1079,7 @@ class FastPath:
             "handed_off": live.count(HANDOFF),
             "bound_total": self.bound,
             "handed_off_total": self.handoffs,
-            "moved_for_another_user_total": self.moved,
+            "moved_total": self.moved,
         }
 
     async def start(self, host: str, port: int) -> int:
