@@ -3,7 +3,8 @@
 Starts `kbproxy dev-auth`, a real gnome-keyring on a private D-Bus bus, and the daemon through
 its CLI (`login --with-token`, `start`) in an isolated HOME under the work dir. Then:
 
-- round trip of ``kbclient._daemon.fetch_connection`` (a fresh Unix-socket connection, HTTP, JSON)
+- round trip of ``kbclient.daemon_api.fetch_connection`` (a fresh Unix-socket connection, HTTP,
+  JSON)
   against the baseline ``keyring.get_password`` on the same Secret Service: 5 rounds, the median
   of each round's p50 and p99;
 - the daemon's RSS after the round trips;
@@ -101,7 +102,7 @@ def run(workdir: Path) -> None:
             import keyring.core
 
             from kbclient import KEYRING_SERVICE
-            from kbclient._daemon import fetch_connection, request
+            from kbclient.daemon_api import fetch_connection, request
 
             keyring.core.init_backend()
             health = request("/v1/health")

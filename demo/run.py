@@ -220,7 +220,7 @@ def run_demo(workdir: Path, stack: ExitStack, steps: Steps) -> None:
         steps.say(f"wrote {uri}: {table.num_rows} rows, columns {', '.join(table.column_names)}")
 
     with steps.step("The kbdaemon config: a 'demo' profile pointing at these servers"):
-        from kbclient._profiles import config_path
+        from kbclient.profiles import config_path
 
         path = config_path()
         write_config(

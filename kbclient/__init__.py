@@ -25,9 +25,9 @@ from kbclient._errors import (
     TokenExpiredError,
     UnavailableError,
 )
-from kbclient._profiles import PROD_AUTH_URL, ProfileError
 from kbclient._session import acreate_spark_session, create_spark_session, get_connection_info
-from kbclient._tokens import KEYRING_SERVICE
+from kbclient.profiles import PROD_AUTH_URL, ProfileError
+from kbclient.tokenstore import KEYRING_SERVICE
 
 __version__ = "0.1.0"
 

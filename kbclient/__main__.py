@@ -16,8 +16,8 @@ from typing import Any
 
 from kbclient._connection import ConnectionInfo
 from kbclient._errors import AuthError, KBaseError, KeyringError, NoTokenError, UnavailableError
-from kbclient._profiles import ProfileError
 from kbclient._session import DEFAULT_WAIT_FOR_SERVER, build_session, get_connection_info
+from kbclient.profiles import ProfileError
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_TOKEN, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_LOCAL = 0, 1, 2, 3, 4, 5
 

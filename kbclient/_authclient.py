@@ -27,7 +27,7 @@ from kbclient._auth2 import (
     token_request,
 )
 from kbclient._errors import AuthUnavailableError
-from kbclient._profiles import PROD_AUTH_URL
+from kbclient.profiles import PROD_AUTH_URL
 
 if TYPE_CHECKING:
     import asyncio

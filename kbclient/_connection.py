@@ -33,10 +33,10 @@ from urllib.parse import quote
 
 from kbclient._auth2 import TokenCache, format_date, normalize_auth_url
 from kbclient._authclient import SyncKBaseAuthClient
-from kbclient._daemon import DaemonAnswerError, fetch_connection
 from kbclient._errors import LOGIN_HINT, AuthUnavailableError, KBaseError, TokenExpiredError
-from kbclient._profiles import load_config
 from kbclient._tokens import SOURCE_DAEMON, find_token
+from kbclient.daemon_api import DaemonAnswerError, fetch_connection
+from kbclient.profiles import load_config
 
 log = logging.getLogger(__name__)
 

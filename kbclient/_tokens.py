@@ -1,14 +1,15 @@
-"""Where the token comes from: argument, environment, the daemon, the OS keyring.
+"""Where the token comes from: argument, environment, the daemon, the token store.
 
 How it works: ``find_token`` tries the sources in this order and stops at the first token:
 
 1. the ``token`` argument;
 2. ``KBASE_AUTH_TOKEN``;
 3. ``KB_AUTH_TOKEN`` (the KBase SDK's variable);
-4. the running kbdaemon (``_daemon.fetch_connection``: a stat when no daemon runs);
-5. the keyring entry ``kbdaemon login`` writes: service ``kbase-spark-connect``, user name the
-   profile (e.g. ``prod``), password the token. It is read in a daemon thread with a 3 s
-   timeout, so a locked keyring that waits for a password prompt cannot hang the caller.
+4. the running kbdaemon (``daemon_api.fetch_connection``: a stat when no daemon runs);
+5. the token store ``kbdaemon login`` writes (``kbclient.tokenstore``), read-only: the file of
+   ``--insecure-storage`` first, then the OS keyring (service ``kbase-spark-connect``, user name
+   the profile), read in a daemon thread with a 3 s timeout, so a locked keyring that waits for
+   a password prompt cannot hang the caller.
 
 A source that fails (daemon error, locked keyring) leaves a note; when no source has a token,
 ``NoTokenError`` lists the notes. Values are stripped of whitespace; empty ones are ignored.
@@ -18,28 +19,33 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from kbclient._daemon import DaemonAnswerError, DaemonConnection, fetch_connection
 from kbclient._errors import (
     LOGIN_HINT,
     KeyringError,
     NoTokenError,
     TokenExpiredError,
 )
+from kbclient.daemon_api import DaemonAnswerError, DaemonConnection, ErrorCode, fetch_connection
+from kbclient.tokenstore import (
+    KEYRING_SERVICE,
+    KEYRING_TIMEOUT,
+    FileStore,
+    KeyringStore,
+)
 
 log = logging.getLogger(__name__)
 
-KEYRING_SERVICE = "kbase-spark-connect"
-KEYRING_TIMEOUT = 3.0
+__all__ = ["KEYRING_SERVICE", "FoundToken", "find_token", "read_keyring", "read_token_file"]
+
 TOKEN_ENV_VARS = ("KBASE_AUTH_TOKEN", "KB_AUTH_TOKEN")
 
 SOURCE_ARGUMENT = "argument"
 SOURCE_DAEMON = "kbdaemon"
 SOURCE_KEYRING = "keyring"
+SOURCE_FILE = "file"
 
 
 @dataclass(frozen=True)
@@ -52,50 +58,22 @@ class FoundToken:
 
 
 def read_keyring(profile: str, *, timeout: float = KEYRING_TIMEOUT) -> str | None:
-    """The token stored by ``kbdaemon login`` for ``profile``, or None.
+    """The token ``kbdaemon login`` stored in the OS keyring for ``profile``, or None.
 
     Raises:
-        KeyringError: the keyring is locked, missing, failing, or did not answer in time.
+        KeyringError: the keyring is locked, missing, failing, not an OS keyring, or did not
+            answer in time.
     """
-    result: dict[str, Any] = {}
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            import keyring
-
-            result["value"] = keyring.get_password(KEYRING_SERVICE, profile)
-        except BaseException as exc:  # reported to the caller below
-            result["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=work, name="kbclient-keyring", daemon=True).start()
-    if not done.wait(timeout):
-        raise KeyringError(
-            f"the OS keyring did not answer within {timeout:.0f} s (locked, waiting for a "
-            "password prompt?): unlock it, or set KBASE_AUTH_TOKEN"
-        )
-    error = result.get("error")
-    if error is not None:
-        raise _keyring_error(error) from None
-    value = result.get("value")
-    return _clean(value) if isinstance(value, str) else None
+    return _clean(KeyringStore(timeout=timeout).get(profile))
 
 
-def _keyring_error(exc: BaseException) -> KeyringError:
-    import keyring.errors
+def read_token_file(profile: str) -> str | None:
+    """The token ``kbdaemon login --insecure-storage`` stored in the token file, or None.
 
-    if isinstance(exc, keyring.errors.KeyringLocked):
-        return KeyringError("the OS keyring is locked: unlock it, or set KBASE_AUTH_TOKEN")
-    if isinstance(exc, (keyring.errors.NoKeyringError, keyring.errors.InitError)):
-        return KeyringError(
-            "no usable OS keyring on this machine: install one (e.g. gnome-keyring), or set "
-            "KBASE_AUTH_TOKEN"
-        )
-    return KeyringError(
-        f"reading the OS keyring failed ({type(exc).__name__}); set KBASE_AUTH_TOKEN instead"
-    )
+    Raises:
+        KeyringError: the file cannot be read or is damaged.
+    """
+    return _clean(FileStore().get(profile))
 
 
 def _clean(value: str | None) -> str | None:
@@ -111,7 +89,7 @@ def _ask_daemon(
     try:
         answer = fetch(profile)
     except DaemonAnswerError as exc:
-        if exc.code == "TOKEN_EXPIRED":
+        if exc.error_code is ErrorCode.TOKEN_EXPIRED:
             raise TokenExpiredError(f"kbdaemon: {exc.message}; {LOGIN_HINT}") from None
         notes.append(f"kbdaemon: {exc.message} ({exc.code})")
         return None
@@ -130,6 +108,7 @@ def find_token(
     environ: Mapping[str, str] | None = None,
     fetch: Callable[..., DaemonConnection | None] = fetch_connection,
     keyring_reader: Callable[[str], str | None] = read_keyring,
+    file_reader: Callable[[str], str | None] = read_token_file,
 ) -> FoundToken:
     """The first token of the documented sources.
 
@@ -147,6 +126,13 @@ def find_token(
     answer = _ask_daemon(profile, fetch, notes)
     if answer is not None and (value := _clean(answer.token)) is not None:
         return FoundToken(value, SOURCE_DAEMON, answer)
+    try:
+        value = file_reader(profile)
+    except KeyringError as exc:
+        notes.append(f"token file: {exc}")
+    else:
+        if value is not None:
+            return FoundToken(value, SOURCE_FILE)
     try:
         value = keyring_reader(profile)
     except KeyringError as exc:

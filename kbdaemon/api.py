@@ -7,7 +7,7 @@ the connection is closed. Handlers translate between the wire and a ``Service`` 
 
 - ``GET /v1/health``                  -> ``{"status": "ok", "pid", "version"}``
 - ``GET /v1/status``                  -> daemon and per-profile status, never a token
-- ``GET /v1/connection?profile=NAME`` -> connection info with the token (see kbclient._daemon)
+- ``GET /v1/connection?profile=NAME`` -> connection info with the token (see kbclient.daemon_api)
 - ``POST /v1/reload?profile=NAME``    -> read the token store again (after login / logout)
 
 Errors are ``{"error": {"code", "message"}}``; codes are those of kbdaemon.errors.
@@ -33,26 +33,23 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from kbclient._daemon import SECRET_HEADER
+from kbclient.daemon_api import (
+    ROUTE_CONNECTION,
+    ROUTE_HEALTH,
+    ROUTE_RELOAD,
+    ROUTE_STATUS,
+    SECRET_HEADER,
+    ErrorCode,
+)
 from kbdaemon.errors import KBDaemonError
 
 log = logging.getLogger(__name__)
-
-HTTP_STATUS = {
-    "NEEDS_LOGIN": 401,
-    "TOKEN_EXPIRED": 401,
-    "UNKNOWN_PROFILE": 404,
-    "PEER_REFUSED": 403,
-    "KEYRING_LOCKED": 503,
-    "KEYRING_UNAVAILABLE": 503,
-    "AUTH_UNREACHABLE": 503,
-}
 
 
 class UnknownProfileError(KBDaemonError):
     """A request named a profile the config does not know."""
 
-    code = "UNKNOWN_PROFILE"
+    code = ErrorCode.UNKNOWN_PROFILE
 
 
 class Service(Protocol):
@@ -85,11 +82,13 @@ def peer_uid(sock: Any) -> int | None:
     return None
 
 
+def error_body(code: ErrorCode, message: str) -> dict[str, Any]:
+    """The JSON of an error answer."""
+    return {"error": {"code": code.value, "message": message}}
+
+
 def error_response(error: KBDaemonError) -> web.Response:
-    return web.json_response(
-        {"error": {"code": error.code, "message": error.message}},
-        status=HTTP_STATUS.get(error.code, 500),
-    )
+    return web.json_response(error_body(error.code, error.message), status=error.code.http_status)
 
 
 @web.middleware
@@ -108,9 +107,9 @@ async def same_user_only(
         who = f"uid {uid}"
     if not allowed:
         log.warning("refused a request on the socket from %s", who)
+        refused = ErrorCode.PEER_REFUSED
         response = web.json_response(
-            {"error": {"code": "PEER_REFUSED", "message": "this socket serves its owner only"}},
-            status=403,
+            error_body(refused, "this socket serves its owner only"), status=refused.http_status
         )
         response.force_close()
         return response
@@ -132,9 +131,9 @@ async def json_errors(
         )
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
+        failed = ErrorCode.DAEMON_ERROR
         return web.json_response(
-            {"error": {"code": "DAEMON_ERROR", "message": "internal error; see `kbdaemon logs`"}},
-            status=500,
+            error_body(failed, "internal error; see `kbdaemon logs`"), status=failed.http_status
         )
 
 
@@ -161,10 +160,10 @@ def create_app(service: Service, *, secret: str = "") -> web.Application:
     app = web.Application(middlewares=[same_user_only, json_errors])
     app[SERVICE_KEY] = service
     app[SECRET_KEY] = secret
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/status", status)
-    app.router.add_get("/v1/connection", connection)
-    app.router.add_post("/v1/reload", reload)
+    app.router.add_get(ROUTE_HEALTH, health)
+    app.router.add_get(ROUTE_STATUS, status)
+    app.router.add_get(ROUTE_CONNECTION, connection)
+    app.router.add_post(ROUTE_RELOAD, reload)
     return app
 
 

@@ -35,8 +35,9 @@ from string import Template
 from typing import Literal
 from xml.sax.saxutils import escape
 
+from kbclient.daemon_api import ErrorCode
 from kbdaemon.errors import KBDaemonError
-from kbdaemon.keystore import KeyringStore
+from kbdaemon.keystore import KeyringStore, translated
 
 Platform = Literal["linux", "macos", "windows"]
 
@@ -52,7 +53,7 @@ _TEMPLATES = {
 class AutostartError(KBDaemonError):
     """Autostart could not be installed or removed; the message says what failed and what to do."""
 
-    code = "AUTOSTART_FAILED"
+    code = ErrorCode.AUTOSTART_FAILED
 
 
 def current_platform() -> Platform:
@@ -316,7 +317,8 @@ def subprocess_runner(argv: Sequence[str]) -> CommandResult:
 def keyring_token_remover(profile: str) -> bool:
     """Delete the keyring entry ``kbdaemon login`` wrote; True when there was one. Raises
     KeystoreError (locked or missing keyring) with what to do."""
-    return KeyringStore().delete(profile)
+    with translated():
+        return KeyringStore().delete(profile)
 
 
 _HINTS = {

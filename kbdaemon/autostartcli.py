@@ -7,7 +7,7 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from kbclient._profiles import BUILTIN_PROFILES, ProfileError, config_path, load_config
+from kbclient.profiles import BUILTIN_PROFILES, ProfileError, config_path, load_config
 from kbdaemon import exitcodes
 from kbdaemon.autostart import (
     Action,

@@ -1,15 +1,18 @@
 """Command line of kbdaemon: one small function per subcommand, parsing and printing only.
 
 Subcommands live beside the logic they drive; each module exposes ``register(subparsers)``.
+Output piped into a program that stops reading (``kbdaemon status | head -1``) ends the command
+quietly, without a BrokenPipeError traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
-from kbdaemon import __version__, autostartcli, doctor, logincli, runcli, s3cli
+from kbdaemon import __version__, autostartcli, doctor, exitcodes, logincli, runcli, s3cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away: send what is still buffered nowhere, so the interpreter's
+        # final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return exitcodes.ERROR
     return result

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from kbclient._daemon import DaemonAnswerError, request
+from kbclient.daemon_api import DaemonAnswerError, request
 from kbdaemon.errors import AlreadyRunningError, DaemonStartError, NotRunningError
 from kbdaemon.paths import DaemonPaths
 

@@ -7,6 +7,12 @@ state's next wake-up time or until a request changes something (a reload after l
 there is no polling loop, so an idle daemon costs nothing. Each profile with an ``s3_upstream``
 gets its own local S3 proxy. The socket API (api.py) calls ``health``/``status``/``connection``/
 ``reload``; process concerns (pid file, socket, signals, logs) live in process.py.
+
+The configuration is read again on ``reload`` (``kbdaemon login``, ``kbdaemon reload``,
+SIGHUP) and when a request names a profile the daemon does not know yet: new profiles are
+served at once, removed ones dropped, a profile whose auth URL changed is checked again, and an
+S3 proxy whose upstream, port or allowed hosts changed is restarted. A config file that no
+longer parses leaves the running configuration in place; status shows the problem.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from kbclient import (
@@ -29,13 +36,14 @@ from kbclient import (
     TokenExpiredError,
     TokenInfo,
 )
-from kbclient._profiles import Config, Profile, ProfileError
+from kbclient.daemon_api import DaemonConnection
+from kbclient.profiles import Config, Profile, ProfileError
 from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
-from kbdaemon.errors import KeyringLockedError, KeystoreError
+from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
 from kbdaemon.keystore import Keystore
 from kbdaemon.s3proxy import S3Proxy
-from kbdaemon.settings import DaemonSettings
+from kbdaemon.settings import DaemonSettings, daemon_settings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
 
 log = logging.getLogger(__name__)
@@ -89,7 +97,8 @@ class Daemon:
         notify: shows a desktop notification (title, text); best effort.
         on_secret: called with each token the daemon holds, so log filters can mask it.
         socket_path: reported in status.
-        settings: the ``[kbdaemon]`` table of the config file.
+        settings: the ``[kbdaemon]`` table of the config file (default: the config's own).
+        config_loader: reads the config file again on reload; None: the config never changes.
     """
 
     def __init__(
@@ -103,20 +112,24 @@ class Daemon:
         on_secret: Callable[[str], None] = lambda _token: None,
         socket_path: str = "",
         settings: DaemonSettings | None = None,
+        config_loader: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self.config_loader = config_loader
+        self.config_error: str | None = None
         self.keystore = keystore
         self.checker = checker
         self.clock = clock
         self.notify = notify or desktop_notify
         self.on_secret = on_secret
         self.socket_path = socket_path
-        self.settings = settings or DaemonSettings()
+        self.settings = settings or daemon_settings(config)
         self.state = DaemonState()
         self.proxies: dict[str, S3Proxy] = {}
         self.started = clock()
         self._changed = asyncio.Event()
         self._stopping = False
+        self._reload_requested = False
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_reload: dict[str, float] = {}
 
@@ -140,27 +153,81 @@ class Daemon:
         await self._check_due()
         try:
             for profile in self.profiles_served():
-                if profile.s3_upstream:
-                    proxy = S3Proxy(
-                        upstream=profile.s3_upstream,
-                        port=profile.s3_port,
-                        allow_http_hosts=self.settings.s3_allow_http_hosts,
-                    )
-                    await proxy.start()
-                    self.proxies[profile.name] = proxy
+                await self._start_proxy(profile)
         except BaseException:
             await self.close()
             raise
 
+    async def _start_proxy(self, profile: Profile) -> None:
+        if profile.s3_upstream:
+            proxy = S3Proxy(
+                upstream=profile.s3_upstream,
+                port=profile.s3_port,
+                allow_http_hosts=self.settings.s3_allow_http_hosts,
+            )
+            await proxy.start()
+            self.proxies[profile.name] = proxy
+
+    async def reload_config(self) -> None:
+        """Read the config file again and apply what changed; a bad file changes nothing."""
+        if self.config_loader is None:
+            return
+        try:
+            config = await asyncio.to_thread(self.config_loader)
+            settings = daemon_settings(config)
+        except (KBaseError, KBDaemonError) as exc:
+            self.config_error = str(exc)
+            log.warning("config not reloaded, keeping the running one: %s", exc)
+            return
+        self.config_error = None
+        old, old_settings = self.config, self.settings
+        self.config, self.settings = config, settings
+        for name in [n for n in self.state.profiles if n not in config.profiles]:
+            log.info("profile %s: removed from the config", name)
+            del self.state.profiles[name]
+            if (proxy := self.proxies.pop(name, None)) is not None:
+                await proxy.close()
+        for profile in config.profiles.values():
+            before = old.profiles.get(profile.name)
+            if before is None:
+                log.info("profile %s: added to the config", profile.name)
+                await self._load(profile.name)
+            elif before.auth_url != profile.auth_url:
+                self.state.profile(profile.name).token_missing()
+                await self._load(profile.name)
+            s3 = (profile.s3_upstream, profile.s3_port, settings.s3_allow_http_hosts)
+            was = (
+                (before.s3_upstream, before.s3_port, old_settings.s3_allow_http_hosts)
+                if before
+                else (None, 0, ())
+            )
+            if s3 != was:
+                if (proxy := self.proxies.pop(profile.name, None)) is not None:
+                    await proxy.close()
+                try:
+                    await self._start_proxy(profile)
+                except (OSError, KBDaemonError) as exc:
+                    self.config_error = f"S3 proxy of profile {profile.name}: {exc}"
+                    log.warning("%s", self.config_error)
+        self._changed.set()
+
     async def run(self) -> None:
         """Check tokens when they are due until ``stop()``; sleeps in between, never polls."""
         while not self._stopping:
+            if self._reload_requested:
+                self._reload_requested = False
+                await self.reload(None)
             await self._check_due()
             wake = self.state.next_wake()
             timeout = None if wake is None else min(max(wake - self.clock(), 0.0), 3600.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
             self._changed.clear()
+
+    def request_reload(self) -> None:
+        """Read the config and the token store again soon (SIGHUP); safe in a signal handler."""
+        self._reload_requested = True
+        self._changed.set()
 
     def stop(self) -> None:
         self._stopping = True
@@ -242,7 +309,10 @@ class Daemon:
         if due:
             await asyncio.gather(*(self._check(p) for p in due))
 
-    def _profile(self, name: str | None) -> Profile:
+    async def _profile(self, name: str | None) -> Profile:
+        """The named profile; an unknown name makes the daemon read its config file first."""
+        if name and name not in self.config.profiles:
+            await self.reload_config()
         try:
             return self.config.profile(name)
         except ProfileError as exc:
@@ -254,7 +324,7 @@ class Daemon:
         return {"status": "ok", "pid": os.getpid(), "version": __version__}
 
     async def connection(self, profile_name: str | None) -> dict[str, Any]:
-        profile = self._profile(profile_name)
+        profile = await self._profile(profile_name)
         state = self.state.profile(profile.name)
         now = self.clock()
         async with self._lock(profile.name):
@@ -268,22 +338,31 @@ class Daemon:
         self._changed.set()
         answer = state.answer(now=self.clock())
         proxy = self.proxies.get(profile.name)
-        return {
-            "profile": profile.name,
-            "username": answer.username,
-            "token": answer.token,
-            "auth_url": profile.auth_url,
-            "spark_host": profile.spark_host,
-            "spark_port": profile.spark_port,
-            "use_ssl": profile.use_ssl,
-            "s3_endpoint": proxy.endpoint if proxy else None,
-            "expires": int(answer.expires * 1000) if answer.expires is not None else None,
-            "stale": answer.stale,
-            "token_source": answer.token_source,
-        }
+        return DaemonConnection(
+            profile=profile.name,
+            username=answer.username,
+            token=answer.token,
+            auth_url=profile.auth_url,
+            spark_host=profile.spark_host,
+            spark_port=profile.spark_port,
+            use_ssl=profile.use_ssl,
+            s3_endpoint=proxy.endpoint if proxy else None,
+            expires=(
+                datetime.fromtimestamp(answer.expires, tz=timezone.utc)
+                if answer.expires is not None
+                else None
+            ),
+            stale=answer.stale,
+            token_source=answer.token_source,
+        ).to_json()
 
     async def reload(self, profile_name: str | None) -> dict[str, Any]:
-        names = [self._profile(profile_name).name] if profile_name else list(self.state.profiles)
+        """Read the config file, then the token store of one profile (or all), again."""
+        await self.reload_config()
+        if profile_name:
+            names = [(await self._profile(profile_name)).name]
+        else:
+            names = list(self.state.profiles)
         for name in names:
             state = self.state.profile(name)
             async with self._lock(name):
@@ -317,6 +396,7 @@ class Daemon:
             "uptime_s": round(now - self.started, 1),
             "socket": self.socket_path,
             "config": str(self.config.path) if self.config.path else None,
+            "config_error": self.config_error,
             "default_profile": self.config.default_profile,
             "profiles": profiles,
         }

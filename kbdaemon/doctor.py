@@ -1,7 +1,10 @@
 """`kbdaemon doctor`: look at everything kbdaemon depends on; each finding comes with its fix.
 
 How it works: each check is a small function returning ``Finding``s (``ok``, ``warn`` or
-``fail``); network checks (Auth2, the Spark host) are bounded by a 5 s timeout each. The clock
+``fail``); network checks (Auth2, the Spark host) are bounded by a 5 s timeout each. A check that
+fails in a way nobody foresaw becomes a ``fail`` finding naming the error: doctor is what users
+run when things are broken, so it never ends in a traceback. ``--profile`` picks the profile
+whose token, Auth2 and Spark host are checked (default: the config's default profile). The clock
 skew is read from Auth2's ``Date`` header. ``--json`` prints the findings for scripts; the exit
 code is 1 when any check failed.
 """
@@ -14,14 +17,16 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 
-from kbclient._profiles import Config, Profile
+from kbclient import tokenstore
+from kbclient.profiles import Config, Profile
 from kbdaemon import autostart, exitcodes
 from kbdaemon._cliutil import load_config_or_fail, make_keystore, print_json
 from kbdaemon.control import find_daemon
-from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
+from kbdaemon.errors import KBDaemonError
 from kbdaemon.keystore import KeyringStore
 from kbdaemon.paths import DaemonPaths
 
@@ -37,38 +42,33 @@ class Finding:
     fix: str = ""
 
 
+_INSTALL_FIX = (
+    "install and unlock an OS keyring (gnome-keyring or KWallet), or "
+    "`kbdaemon login --insecure-storage`"
+)
+
+
 def check_keyring() -> list[Finding]:
     store = KeyringStore()
     try:
         backend = store.backend_name()
-        store.get("__kbdaemon_doctor__")
-    except KeyringLockedError as exc:
-        return [Finding("keyring", "fail", exc.message, "unlock the keyring, then run again")]
-    except KeystoreError as exc:
-        return [
-            Finding(
-                "keyring",
-                "fail",
-                exc.message,
-                "install a keyring, or `kbdaemon login --insecure-storage`",
-            )
-        ]
-    if backend.startswith(("keyring.backends.fail", "keyring.backends.null")):
-        return [
-            Finding(
-                "keyring",
-                "fail",
-                f"no usable OS keyring (backend {backend})",
-                "install gnome-keyring or KWallet, or `kbdaemon login --insecure-storage`",
-            )
-        ]
+        problem = store.problem()
+        if problem is None:
+            store.get("__kbdaemon_doctor__")
+    except tokenstore.KeyringLockedError as exc:
+        return [Finding("keyring", "fail", str(exc), "unlock the keyring, then run again")]
+    except tokenstore.TokenStoreError as exc:
+        detail = str(exc).removesuffix("; run `kbdaemon doctor`")
+        return [Finding("keyring", "fail", detail, _INSTALL_FIX)]
+    if problem is not None:
+        return [Finding("keyring", "fail", f"no OS keyring: {problem}", _INSTALL_FIX)]
     return [Finding("keyring", "ok", f"present and unlocked ({backend})")]
 
 
-def check_tokens(config: Config, paths: DaemonPaths) -> list[Finding]:
+def check_tokens(profile: Profile, paths: DaemonPaths) -> list[Finding]:
     keystore = make_keystore(paths)
     try:
-        found = keystore.lookup(config.default_profile)
+        found = keystore.lookup(profile.name)
     except KBDaemonError as exc:
         return [Finding("token", "fail", exc.message, "see the keyring finding")]
     if found is None:
@@ -76,8 +76,8 @@ def check_tokens(config: Config, paths: DaemonPaths) -> list[Finding]:
             Finding(
                 "token",
                 "fail",
-                f"no token stored for profile {config.default_profile}",
-                f"kbdaemon login --profile {config.default_profile}",
+                f"no token stored for profile {profile.name}",
+                f"kbdaemon login --profile {profile.name}",
             )
         ]
     if found.kind == "file":
@@ -221,28 +221,60 @@ def check_spark(profile: Profile) -> list[Finding]:
     return [Finding("spark", "ok", f"{profile.spark_host}:{profile.spark_port} reachable")]
 
 
-def run_checks(config: Config, paths: DaemonPaths) -> list[Finding]:
-    profile = config.profile()
-    findings = check_keyring() + check_tokens(config, paths) + check_socket(paths)
+def guarded(check: str, run: Callable[[], list[Finding]]) -> list[Finding]:
+    """The check's findings; an error nobody foresaw becomes one ``fail`` finding."""
+    try:
+        return run()
+    except Exception as exc:  # doctor reports, it does not crash
+        return [
+            Finding(
+                check,
+                "fail",
+                f"the check itself failed ({type(exc).__name__}: {exc})",
+                "report this, with `kbdaemon doctor --json`, to the kbase-spark-connect issues",
+            )
+        ]
+
+
+def run_checks(config: Config, paths: DaemonPaths, profile: Profile | None = None) -> list[Finding]:
+    chosen = profile or config.profile()
+    findings = guarded("keyring", check_keyring)
+    findings += guarded("token", lambda: check_tokens(chosen, paths))
+    findings += guarded("daemon", lambda: check_socket(paths))
     running = any(f.check == "daemon" and f.level == "ok" for f in findings)
-    findings += check_linger() + check_ports(config, running)
-    findings += check_auth(profile) + check_spark(profile)
+    findings += guarded("linger", check_linger)
+    findings += guarded("ports", lambda: check_ports(config, running))
+    findings += guarded("auth", lambda: check_auth(chosen))
+    findings += guarded("spark", lambda: check_spark(chosen))
     return findings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("doctor", help="check the keyring, socket, ports, Auth2, Spark, clock")
+    p = sub.add_parser(
+        "doctor",
+        help="check the keyring, socket, ports, Auth2, Spark, clock",
+        description="Check everything kbdaemon depends on; each problem comes with its fix. "
+        "Exit code 1 when a check failed.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--profile",
+        help="the profile whose token, Auth2 and Spark host to check (default: the "
+        "config's default profile)",
+    )
     p.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         config = load_config_or_fail()
+        profile = config.profile(args.profile)
     except KBDaemonError as exc:
         findings = [Finding("config", "fail", exc.message, "fix the config file")]
+    except ValueError as exc:  # an unknown profile
+        findings = [Finding("config", "fail", str(exc), "name a known profile with --profile")]
     else:
-        findings = run_checks(config, DaemonPaths.default())
+        findings = run_checks(config, DaemonPaths.default(), profile)
     if args.json:
         print_json([asdict(f) for f in findings])
     else:

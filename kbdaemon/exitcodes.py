@@ -1,13 +1,15 @@
-"""Exit codes of the kbdaemon CLI: each tells a script what it can do next."""
+"""Exit codes of the kbdaemon CLI (``kbclient.daemon_api.ExitCode``, under short names)."""
 
 from __future__ import annotations
 
-OK = 0
-ERROR = 1  # anything not below; the message says what
-USAGE = 2  # bad command line (argparse)
-NOT_LOGGED_IN = 3  # run `kbdaemon login`
-NOT_RUNNING = 4  # run `kbdaemon start`
-KEYRING_UNAVAILABLE = 5  # the OS keyring is missing or locked: see `kbdaemon doctor`
-AUTH_UNREACHABLE = 6  # KBase Auth2 could not be reached
-INVALID_TOKEN = 7  # Auth2 rejected the token
-PORT_IN_USE = 8  # a listening address is taken
+from kbclient.daemon_api import ExitCode
+
+OK = ExitCode.OK
+ERROR = ExitCode.ERROR
+USAGE = ExitCode.USAGE
+NOT_LOGGED_IN = ExitCode.NOT_LOGGED_IN
+NOT_RUNNING = ExitCode.NOT_RUNNING
+KEYRING_UNAVAILABLE = ExitCode.KEYRING_UNAVAILABLE
+AUTH_UNREACHABLE = ExitCode.AUTH_UNREACHABLE
+INVALID_TOKEN = ExitCode.INVALID_TOKEN
+PORT_IN_USE = ExitCode.PORT_IN_USE

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import platformdirs
 
-from kbclient._daemon import PORT_FILE_NAME, socket_path, transport
-from kbclient._profiles import APP_NAME
+from kbclient.daemon_api import PORT_FILE_NAME, socket_path, transport
+from kbclient.profiles import APP_NAME
 from kbdaemon.errors import DaemonStartError
 
 

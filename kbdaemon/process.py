@@ -3,7 +3,8 @@
 How it works: ``run_daemon`` takes an exclusive ``flock`` on the pid file (released by the kernel
 even after ``kill -9``, so a dead daemon never blocks the next one), then looks at the socket: if
 something answers there, another daemon runs; if nothing does, the file is stale and removed.
-It then serves until SIGTERM/SIGINT and removes its socket and pid file on the way out.
+It then serves until SIGTERM/SIGINT and removes its socket and pid file on the way out; SIGHUP
+makes it read its config file and token store again (as `kbdaemon reload` does).
 Starting, finding and stopping it from outside is control.py.
 """
 
@@ -18,15 +19,14 @@ import signal
 import sys
 from typing import IO
 
-from kbclient._daemon import DaemonAnswerError, request, transport
-from kbclient._profiles import Config
+from kbclient.daemon_api import DaemonAnswerError, request, transport
+from kbclient.profiles import Config, load_config
 from kbdaemon import _loop, api
 from kbdaemon.control import read_pid, socket_answers
 from kbdaemon.daemon import Daemon, KBaseChecker
 from kbdaemon.errors import AlreadyRunningError, DaemonStartError, KBDaemonError
 from kbdaemon.keystore import Keystore
 from kbdaemon.paths import DaemonPaths, ensure_private_dir
-from kbdaemon.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ async def _serve(
         checker=KBaseChecker(),
         on_secret=secrets.secrets.add,
         socket_path=str(paths.endpoint),
-        settings=load_settings(),
+        config_loader=lambda: load_config(config.path),
     )
     await daemon.start()
     endpoint = paths.endpoint
@@ -195,6 +195,8 @@ async def _serve(
             loop.add_signal_handler(sig, daemon.stop)
         except NotImplementedError:  # Windows
             signal.signal(sig, lambda *_: loop.call_soon_threadsafe(daemon.stop))
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
     log.info(
         "kbdaemon %s running, pid %d, socket %s%s",
         daemon.health()["version"],

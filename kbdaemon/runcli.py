@@ -10,10 +10,11 @@ import time
 from collections import deque
 from typing import IO, Any
 
-from kbclient._daemon import DaemonAnswerError, request
+from kbclient.daemon_api import ROUTE_STATUS, DaemonAnswerError, exit_code_for, request
 from kbdaemon import autostart, exitcodes
 from kbdaemon._cliutil import (
     CLIError,
+    check_before_start,
     fail,
     load_config_or_fail,
     make_keystore,
@@ -22,33 +23,46 @@ from kbdaemon._cliutil import (
 )
 from kbdaemon.control import find_daemon, start_detached, stop_daemon
 from kbdaemon.errors import AlreadyRunningError, KBDaemonError, KeystoreError, NotRunningError
+from kbdaemon.keystore import KeyringStore
 from kbdaemon.paths import DaemonPaths
-
-STATUS_EXIT = {
-    "NEEDS_LOGIN": exitcodes.NOT_LOGGED_IN,
-    "REVOKED": exitcodes.NOT_LOGGED_IN,
-    "TOKEN_EXPIRED": exitcodes.NOT_LOGGED_IN,
-    "KEYRING_LOCKED": exitcodes.KEYRING_UNAVAILABLE,
-    "KEYRING_UNAVAILABLE": exitcodes.KEYRING_UNAVAILABLE,
-    "AUTH_UNREACHABLE": exitcodes.AUTH_UNREACHABLE,
-}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("start", help="start the daemon in the background (returns when ready)")
+    p = sub.add_parser(
+        "start",
+        help="start the daemon in the background (returns when ready)",
+        description="Start the daemon in the background; returns once it serves, or with the "
+        "reason it could not start.",
+    )
     p.set_defaults(func=cmd_start)
-    p = sub.add_parser("stop", help="stop the daemon")
+    p = sub.add_parser("stop", help="stop the daemon", description="Stop the running daemon.")
     p.set_defaults(func=cmd_stop)
-    p = sub.add_parser("restart", help="stop the daemon if it runs, then start it")
+    p = sub.add_parser(
+        "restart",
+        help="check the config and ports, then stop the daemon and start it again",
+        description="Check the config file and the S3 ports first; only then stop the running "
+        "daemon and start a new one. A config that does not parse leaves the old one running.",
+    )
     p.set_defaults(func=cmd_restart)
-    p = sub.add_parser("run", help="run the daemon in the foreground (for service managers)")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground (for service managers)",
+        description="Run the daemon in this process until SIGTERM or SIGINT; SIGHUP reloads.",
+    )
     p.add_argument("--quiet", action="store_true", help="log to the log file only, not stderr")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("status", help="is the daemon running, who is logged in, where things are")
+    p = sub.add_parser(
+        "status",
+        help="is the daemon running, who is logged in, where things are",
+        description="The daemon, the keyring in use and each profile's token status. Exit "
+        "code: 0 ok, 3 not logged in (or revoked/expired), 4 not running, 5 keyring, 6 Auth2.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("logs", help="show the daemon's log")
+    p = sub.add_parser(
+        "logs", help="show the daemon's log", description="Print the end of the daemon's log."
+    )
     p.add_argument("-n", "--lines", type=int, default=50, help="how many last lines (50)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.set_defaults(func=cmd_logs)
@@ -78,7 +92,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_restart(args: argparse.Namespace) -> int:
     paths = DaemonPaths.default()
-    if find_daemon(paths) is not None:
+    running = find_daemon(paths)
+    try:
+        check_before_start(paths, running=running)
+    except KBDaemonError as exc:
+        if running is not None:
+            print(
+                f"kbdaemon: not restarted, the running daemon (pid {running.pid}) keeps its "
+                f"configuration: {exc.message}",
+                file=sys.stderr,
+            )
+            return exc.exit_code
+        return fail(exc)
+    if running is not None:
         with contextlib.suppress(NotRunningError):
             print(f"kbdaemon stopped (pid {stop_daemon(paths)}).")
     return cmd_start(args)
@@ -130,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     paths = DaemonPaths.default()
     try:
         try:
-            data = request("/v1/status", path=paths.socket, timeout=5.0)
+            data = request(ROUTE_STATUS, path=paths.socket, timeout=5.0)
         except (DaemonAnswerError, OSError, ValueError):
             data = None
         running = find_daemon(paths) if data is None else None
@@ -144,6 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except KBDaemonError as exc:
         return fail(exc)
     data.update(
+        keyring=KeyringStore().describe(),
         socket=str(paths.endpoint),
         log_file=str(paths.log_file),
         autostart_installed=autostart.autostart_installed(),
@@ -158,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     default = next(
         (p for p in data["profiles"] if p["profile"] == data["default_profile"]), {"status": ""}
     )
-    return STATUS_EXIT.get(default["status"], exitcodes.OK)
+    return exit_code_for(default["status"])
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -170,6 +197,7 @@ def _print_status(data: dict[str, Any]) -> None:
         print(f"kbdaemon: process {data['pid']} exists but does not answer on its socket")
     else:
         print("kbdaemon: not running (start it with `kbdaemon start`)")
+    print(f"  keyring:   {data['keyring']}")
     print(f"  socket:    {data['socket']}")
     print(f"  log:       {data['log_file']}")
     print(f"  autostart: {'installed' if data['autostart_installed'] else 'not installed'}")
@@ -178,6 +206,8 @@ def _print_status(data: dict[str, Any]) -> None:
             "  linger:    off: a daemon started by systemd stops at your last logout "
             f"(enable: {autostart.linger_fix()})"
         )
+    if data.get("config_error"):
+        print(f"  config:    not reloaded, running the previous one: {data['config_error']}")
     for p in data["profiles"]:
         default = " (default)" if p["profile"] == data["default_profile"] else ""
         print(f"profile {p['profile']}{default}: {p['status']}")

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from kbclient.daemon_api import ErrorCode
 from kbdaemon import _bodyrelay, _s3errors
 from kbdaemon import _redirects as rd
 from kbdaemon.errors import KBDaemonError, PortInUseError
@@ -47,13 +48,13 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 class S3ProxyError(KBDaemonError):
     """The local S3 proxy cannot start: bad settings or its address is taken."""
 
-    code = "S3_PROXY_ERROR"
+    code = ErrorCode.S3_PROXY_ERROR
 
 
 class S3ProxyPortInUseError(S3ProxyError, PortInUseError):
     """The proxy's listening address is taken: choose another port or stop what holds it."""
 
-    code = "PORT_IN_USE"
+    code = ErrorCode.PORT_IN_USE
 
 
 class S3Proxy:

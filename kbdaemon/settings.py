@@ -1,7 +1,8 @@
 """The daemon's own settings: the ``[kbdaemon]`` table of the config file kbclient reads.
 
 How it works: the profiles (auth URL, Spark host, S3 upstream and port) are kbclient's
-(``kbclient._profiles``); settings only the daemon uses live beside them, read once at start::
+(``kbclient.profiles``); settings only the daemon uses live beside them. The file is parsed once,
+by ``kbclient.profiles.load_config``; ``daemon_settings`` reads the ``[kbdaemon]`` table it kept::
 
     [kbdaemon]
     token_storage = "keyring"               # or "file": what `kbdaemon login` uses by default
@@ -10,24 +11,18 @@ How it works: the profiles (auth URL, Spark host, S3 upstream and port) are kbcl
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from kbclient._profiles import config_path
+from kbclient.daemon_api import ErrorCode
+from kbclient.profiles import Config
 from kbdaemon.errors import KBDaemonError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class SettingsError(KBDaemonError):
     """The ``[kbdaemon]`` table of the config file is malformed; the message says where."""
 
-    code = "BAD_CONFIG"
+    code = ErrorCode.BAD_CONFIG
 
 
 @dataclass(frozen=True)
@@ -57,13 +52,7 @@ def parse_settings(data: dict[str, Any], *, source: str = "config") -> DaemonSet
     return DaemonSettings(token_storage=storage, s3_allow_http_hosts=tuple(hosts))
 
 
-def load_settings(path: Path | None = None) -> DaemonSettings:
-    """Read ``[kbdaemon]`` from the config file; defaults when the file is absent."""
-    path = path or config_path()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return DaemonSettings()
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"cannot read {path}: {exc}") from None
-    return parse_settings(data, source=str(path))
+def daemon_settings(config: Config) -> DaemonSettings:
+    """The ``[kbdaemon]`` settings of an already loaded config file. Raises SettingsError."""
+    source = str(config.path) if config.path else "config"
+    return parse_settings({"kbdaemon": config.daemon_table}, source=source)

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 from kbdaemon.errors import (
     AuthUnreachableError,
-    KBDaemonError,
     KeyringLockedError,
     KeystoreError,
     NotLoggedInError,
@@ -268,10 +267,6 @@ class DaemonState:
         return [p for p in self.profiles.values() if p.due(now)]
 
 
-def error_payload(error: KBDaemonError) -> dict[str, Any]:
-    return {"error": {"code": error.code, "message": error.message}}
-
-
 def _date(epoch: float | None) -> str:
     if epoch is None:
         return "an unknown date"
@@ -284,4 +279,5 @@ def _span(seconds: float) -> str:
         return f"{seconds / 86400:.1f} days"
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} hours"
-    return f"{seconds / 60:.0f} minutes"
+    minutes = round(seconds / 60)
+    return f"{minutes} minute{'' if minutes == 1 else 's'}"

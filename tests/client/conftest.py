@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from kbclient._connection import clear_auth_cache
-from kbclient._daemon import socket_path
+from kbclient.daemon_api import socket_path
 from testbed.auth import DevAuthServer
 from testbed.spark import SparkConnectServer
 from tests.conftest import TEST_TOKENS
@@ -111,17 +111,28 @@ def daemon_socket(isolated_environment: Path) -> Iterator[DaemonSocket]:
 
 
 @pytest.fixture
-def file_keyring(isolated_environment: Path) -> Iterator[keyring.backend.KeyringBackend]:
-    """A real keyring backend (keyrings.alt plain file in this test's XDG data dir)."""
-    from keyrings.alt.file import PlaintextKeyring
+def file_keyring(
+    isolated_environment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[keyring.backend.KeyringBackend]:
+    """A real OS keyring: gnome-keyring on a private D-Bus bus (testbed.keyring), for this
+    process and the children it starts. keyrings.alt's plain file is no OS keyring: kbclient
+    reads nothing from it."""
+    import keyring.core
+
+    import testbed.keyring
 
     previous = keyring.get_keyring()
-    backend = PlaintextKeyring()
-    keyring.set_keyring(backend)
     try:
-        yield backend
-    finally:
-        keyring.set_keyring(previous)
+        with testbed.keyring.secret_service(tmp_path / "secret-service") as env:
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            keyring.core.init_backend()
+            try:
+                yield keyring.get_keyring()
+            finally:
+                keyring.set_keyring(previous)
+    except testbed.keyring.SecretServiceMissing as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass

@@ -12,9 +12,9 @@ import pytest
 import kbclient
 from kbclient._auth2 import TokenCache, TokenInfo, parse_me, parse_token, token_key
 from kbclient._connection import mask_url, spark_url
-from kbclient._daemon import DaemonAnswerError, DaemonConnection
 from kbclient._grpcerrors import translate
 from kbclient._tokens import find_token
+from kbclient.daemon_api import DaemonAnswerError, DaemonConnection
 
 TOKEN = "sEcReT/+=;token value"
 AUTH = "https://auth.example.org/services/auth/"

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kbclient._daemon import DaemonAnswerError, fetch_connection, request
-from kbclient._profiles import Config, parse_config
+from kbclient.daemon_api import DaemonAnswerError, fetch_connection, request
+from kbclient.profiles import Config, parse_config
 from kbdaemon import api
 from kbdaemon.daemon import Daemon, KBaseChecker
 from kbdaemon.keystore import FileStore, Keystore

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kbclient._daemon import DaemonAnswerError, fetch_connection, request
+from kbclient.daemon_api import DaemonAnswerError, fetch_connection, request
 from testbed.auth import DevAuthServer
 from testbed.procs import free_port
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, TEST_TOKENS
@@ -116,7 +116,7 @@ def test_login_refuses_what_auth2_refuses_and_warns_about_the_environment(
 def test_login_without_a_keyring_says_what_to_do(kbdaemon: Kbdaemon) -> None:
     result = kbdaemon("login", "--with-token", input=ALICE_TOKEN + "\n")
     assert result.returncode == 5
-    assert "did not keep the token" in result.stderr and "--insecure-storage" in result.stderr
+    assert "no OS keyring" in result.stderr and "--insecure-storage" in result.stderr
     empty = kbdaemon("login", "--with-token", input="\n")
     assert empty.returncode == 1 and "no token given" in empty.stderr
     unknown = kbdaemon("login", "--with-token", "--profile", "nope", input=ALICE_TOKEN + "\n")

@@ -1,4 +1,5 @@
-"""Token stores: the opt-in file, the keyring timeout and errors, a real Secret Service."""
+"""Token stores (kbclient.tokenstore) and kbdaemon's policy over them: the opt-in file, the
+keyring timeout and errors, backends that are no OS keyring, a real Secret Service."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ from pathlib import Path
 import keyring.core
 import pytest
 
-from kbdaemon.errors import KeyringLockedError, KeystoreError
-from kbdaemon.keystore import (
+from kbclient.tokenstore import (
     KEYRING_SERVICE,
     FileStore,
+    KeyringLockedError,
     KeyringStore,
-    Keystore,
+    NoOSKeyringError,
+    TokenStoreError,
     call_with_timeout,
 )
+from kbdaemon.errors import KeystoreError
+from kbdaemon.keystore import Keystore
 from tests.daemon.conftest import lock_secret_service
 
 TOKEN = "TOKEN0123456789abcdefXYZ"
@@ -46,29 +50,32 @@ def test_a_file_made_readable_by_others_is_made_private_again(tmp_path: Path) ->
 def test_a_damaged_file_says_what_to_do(tmp_path: Path) -> None:
     store = FileStore(path=tmp_path / "tokens.json")
     store.path.write_text("{not json")
-    with pytest.raises(KeystoreError, match=r"damaged; remove it and run `kbdaemon login`"):
+    with pytest.raises(TokenStoreError, match=r"damaged; remove it and run `kbdaemon login`"):
         store.get("prod")
 
 
 def test_a_keyring_that_does_not_answer_is_reported_as_locked() -> None:
     release = threading.Event()
-    with pytest.raises(KeyringLockedError, match="did not answer within 0 s") as info:
+    with pytest.raises(KeyringLockedError, match="did not answer within 0 s"):
         call_with_timeout(lambda: release.wait(5), 0.2, "read")
     release.set()
-    assert info.value.code == "KEYRING_LOCKED"
 
 
-def test_the_null_keyring_is_refused_not_trusted() -> None:
+def test_the_null_keyring_is_refused_not_trusted(tmp_path: Path) -> None:
     # The isolated environment selects keyring's null backend, which drops what it is given.
-    with pytest.raises(KeystoreError, match=r"did not keep the token.*--insecure-storage") as info:
+    with pytest.raises(NoOSKeyringError, match=r"stores nothing.*--insecure-storage"):
         KeyringStore().set("prod", TOKEN)
-    assert info.value.code == "KEYRING_UNAVAILABLE"
+    keystore = Keystore(keyring_store=KeyringStore(), file_store=FileStore(path=tmp_path / "t"))
+    with pytest.raises(KeystoreError, match=r"no OS keyring") as info:
+        keystore.save("prod", TOKEN, insecure=False)
+    assert info.value.code == "KEYRING_UNAVAILABLE" and info.value.exit_code == 5
+    assert keystore.lookup("prod") is None  # nothing to read there: not logged in
 
 
 def test_no_backend_at_all_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHON_KEYRING_BACKEND", "keyring.backends.fail.Keyring")
     keyring.core.init_backend()
-    with pytest.raises(KeystoreError, match="no OS keyring is available: install"):
+    with pytest.raises(NoOSKeyringError, match=r"no OS keyring: .*install"):
         KeyringStore().get("prod")
 
 
@@ -111,8 +118,11 @@ def test_a_locked_secret_service_keyring_is_told_apart(secret_service: str) -> N
     store = KeyringStore()
     store.set("prod", TOKEN)
     lock_secret_service()
-    with pytest.raises(KeyringLockedError, match="the OS keyring is locked: unlock it") as info:
+    keystore = Keystore(keyring_store=store, file_store=FileStore())
+    with pytest.raises(KeyringLockedError, match="the OS keyring is locked: unlock it"):
         store.get("prod")
+    with pytest.raises(KeystoreError, match="the OS keyring is locked: unlock it") as info:
+        keystore.lookup("prod")
     assert info.value.code == "KEYRING_LOCKED"
     del info  # its traceback holds the leaked connection, reported here under this test's filter
     gc.collect()

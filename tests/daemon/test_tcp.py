@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from kbclient._daemon import fetch_connection
+from kbclient.daemon_api import fetch_connection
 from tests.conftest import ALICE_TOKEN
 from tests.daemon.conftest import Kbdaemon
 

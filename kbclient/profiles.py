@@ -15,16 +15,22 @@ optional TOML file ``<user config dir>/kbase-spark-connect/config.toml``, read o
     spark_port = 443
     use_ssl = true
 
-The file location can be overridden with ``KBASE_CONFIG`` (a path).
+The file location can be overridden with ``KBASE_CONFIG`` (a path). The file is parsed once per
+process: ``load_config`` keeps the ``[kbdaemon]`` table (``Config.daemon_table``) for kbdaemon,
+which reads its own settings from there instead of reading the file again.
+
+Each profile knows where its users get a token (``Profile.token_page``): the KBase UI of the
+site its ``auth_url`` belongs to.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -57,6 +63,17 @@ class Profile:
     use_ssl: bool = True
     s3_upstream: str | None = None
     s3_port: int = 0
+
+    @property
+    def token_page(self) -> str:
+        """The web page where a user of this profile makes a token (the site of ``auth_url``)."""
+        parts = urlsplit(self.auth_url)
+        host = parts.netloc
+        if host == "kbase.us":
+            host = "narrative.kbase.us"
+        if parts.path.rstrip("/").endswith("/services/auth"):
+            return f"{parts.scheme}://{host}/#auth2/account"
+        return f"the KBase sign-in site of {self.auth_url}"
 
 
 BUILTIN_PROFILES: dict[str, Profile] = {
@@ -99,6 +116,7 @@ class Config:
     profiles: dict[str, Profile]
     default_profile: str = DEFAULT_PROFILE
     path: Path | None = None
+    daemon_table: dict[str, Any] = field(default_factory=dict)
 
     def profile(self, name: str | None = None) -> Profile:
         """The named profile, or the default. Raises ProfileError for an unknown name."""
@@ -138,7 +156,10 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> Config:
     default = data.get("default_profile", DEFAULT_PROFILE)
     if default not in profiles:
         raise ProfileError(f"{source}: default_profile {default!r} is not a known profile")
-    return Config(profiles=profiles, default_profile=default)
+    daemon_table = data.get("kbdaemon", {})
+    if not isinstance(daemon_table, dict):
+        raise ProfileError(f"{source}: [kbdaemon] must be a table")
+    return Config(profiles=profiles, default_profile=default, daemon_table=daemon_table)
 
 
 def load_config(path: Path | None = None) -> Config:
