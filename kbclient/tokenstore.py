@@ -231,13 +231,17 @@ class KeyringStore:
                 f"{NO_KEYRING_HELP}"
             )
 
+    def has_entry(self, profile: str) -> bool:
+        """Whether the selected backend, OS keyring or not, holds an entry for the profile."""
+        import keyring
+
+        return self._call("read", lambda: keyring.get_password(self.service, profile)) is not None
+
     def delete(self, profile: str) -> bool:
-        """Remove the profile's token; whether there was one (never one without an OS keyring)."""
+        """Remove the profile's token from the selected backend, even one that is no OS keyring
+        (a plain-text copy an older version left); whether there was one."""
         import keyring
         import keyring.errors
-
-        if self.problem():
-            return False
 
         def delete() -> bool:
             if keyring.get_password(self.service, profile) is None:

@@ -30,11 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(argv: Sequence[str] | None) -> int:
     try:
-        result: int = args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help, --version, usage errors: their output must reach the pipe now
         sys.stdout.flush()
+        raise
+    result: int = args.func(args)
+    sys.stdout.flush()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -45,4 +54,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return exitcodes.ERROR
-    return result

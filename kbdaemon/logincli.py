@@ -15,8 +15,7 @@ import getpass
 import os
 import sys
 
-from kbclient import AuthError, KBaseError, SyncKBaseAuthClient
-from kbclient._errors import LOGIN_HINT
+from kbclient import AuthError, KBaseError, SyncKBaseAuthClient, TokenExpiredError
 from kbclient.daemon_api import ROUTE_CONNECTION, DaemonAnswerError, reload, request
 from kbclient.profiles import Config, Profile
 from kbdaemon import exitcodes
@@ -132,7 +131,10 @@ def _check(config: Config, profile: Profile, token: str) -> tuple[str, str | Non
         with SyncKBaseAuthClient(profile.auth_url) as client:
             info = client.token_info(token)
     except AuthError as exc:
-        reason = str(exc).removesuffix(f"; {LOGIN_HINT}")
+        if isinstance(exc, TokenExpiredError) and exc.expired is not None:
+            reason = f"the token expired on {when(int(exc.expired.timestamp() * 1000))}"
+        else:
+            reason = "KBase Auth2 rejected the token: it is invalid, revoked or expired"
         raise TokenRejectedError(
             f"token not stored: {reason} (asked {profile.auth_url}); copy a new token from "
             f"{profile.token_page} and run {again} again"

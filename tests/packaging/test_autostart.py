@@ -267,16 +267,21 @@ def test_cli_dry_run_changes_nothing(
     assert cli.main(["install", "--dry-run"]) == exitcodes.OK
     out = capsys.readouterr().out
     unit = isolated_environment / ".config/systemd/user/kbdaemon.service"
-    assert f"would write {unit}" in out
+    assert f"would write {unit}:" in out
+    assert "    ExecStart=" in out  # the unit itself, as it would be written
     assert "would run: systemctl --user enable --now kbdaemon.service" in out
     assert not unit.exists()
 
+    # Only what exists is listed: the socket, not the absent pid file; no token, none to delete.
     sock = Path(os.environ["XDG_RUNTIME_DIR"]) / "kbase-spark-connect" / "kbdaemon.sock"
+    sock.parent.mkdir(parents=True, exist_ok=True)
+    sock.touch()
     assert cli.main(["uninstall", "--purge", "--dry-run"]) == exitcodes.OK
     out = capsys.readouterr().out
-    assert f"would remove {sock}" in out
-    assert "would delete the token of profile 'prod' from the keyring" in out
-    assert "config.toml" in out
+    assert f"would remove {sock}" in out and "kbdaemon.pid" not in out
+    assert f"would remove {unit}" not in out
+    assert "would delete the token" not in out
+    assert sock.exists()
 
 
 def test_plan_actions_describe_themselves(tmp_path: Path) -> None:
