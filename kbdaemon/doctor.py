@@ -48,6 +48,11 @@ _INSTALL_FIX = (
 )
 
 
+def _here(message: str) -> str:
+    """A store error's message without its advice to run doctor: this is doctor."""
+    return message.removesuffix("; run `kbdaemon doctor`")
+
+
 def check_keyring() -> list[Finding]:
     store = KeyringStore()
     try:
@@ -58,8 +63,7 @@ def check_keyring() -> list[Finding]:
     except tokenstore.KeyringLockedError as exc:
         return [Finding("keyring", "fail", str(exc), "unlock the keyring, then run again")]
     except tokenstore.TokenStoreError as exc:
-        detail = str(exc).removesuffix("; run `kbdaemon doctor`")
-        return [Finding("keyring", "fail", detail, _INSTALL_FIX)]
+        return [Finding("keyring", "fail", _here(str(exc)), _INSTALL_FIX)]
     if problem is not None:
         return [Finding("keyring", "fail", f"no OS keyring: {problem}", _INSTALL_FIX)]
     return [Finding("keyring", "ok", f"present and unlocked ({backend})")]
@@ -70,7 +74,7 @@ def check_tokens(profile: Profile, paths: DaemonPaths) -> list[Finding]:
     try:
         found = keystore.lookup(profile.name)
     except KBDaemonError as exc:
-        return [Finding("token", "fail", exc.message, "see the keyring finding")]
+        return [Finding("token", "fail", _here(exc.message), "see the keyring finding")]
     if found is None:
         return [
             Finding(
