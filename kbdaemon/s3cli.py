@@ -48,8 +48,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="HOST[:PORT]",
         help="follow pre-signed URLs to this host over plain http (repeatable; https otherwise)",
     )
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS")
-    p.add_argument("--read-timeout", type=float, default=300.0, metavar="SECONDS")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up connecting to the upstream after this long (10)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up on an upstream that sends nothing for this long (300)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every proxied request")
     p.set_defaults(func=cmd_s3_proxy)
 

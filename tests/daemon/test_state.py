@@ -176,3 +176,11 @@ def test_the_daemon_wakes_for_the_earliest_profile_only() -> None:
     assert [p.name for p in daemon.due(NOW + 120)] == ["ci"]
     snapshot = prod.snapshot(NOW)
     assert "A" not in snapshot.values() and snapshot["user"] == "alice"
+
+
+def test_the_warning_counts_one_minute_in_the_singular() -> None:
+    state = loaded()
+    state.accepted(Facts(expires=at(NOW + 70)), now=NOW)
+    warning = state.warning(NOW)
+    assert warning is not None and "expires in 1 minute (on" in warning
+    assert "expires in 2 minutes" in (state.warning(NOW - 60) or "")
