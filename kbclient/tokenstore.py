@@ -177,11 +177,15 @@ class KeyringStore:
     def describe(self) -> str:
         try:
             backend = self._backend()
-        except TokenStoreError:
-            return "OS keyring"
+        except TokenStoreError as exc:
+            return f"OS keyring, not usable: {exc}"
         problem = os_keyring_problem(backend)
         if problem:
             return f"no OS keyring ({problem})"
+        try:  # keyring's backends raise from ``priority`` when they cannot run here
+            call_with_timeout(lambda: type(backend).priority, self.timeout, "probe")
+        except Exception as exc:  # the backend's own reason, whatever its type
+            return f"OS keyring ({backend_name(backend)}), which cannot start here: {exc}"
         return f"OS keyring ({backend_name(backend)})"
 
     def _require_os_keyring(self) -> None:

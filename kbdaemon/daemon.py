@@ -280,11 +280,19 @@ class Daemon:
             return
         except (KBaseError, OSError) as exc:
             if state.token == token:
-                state.unreachable(str(exc), now=self.clock())
+                # kbclient's advice (KBASE_AUTH_URL, auth_url=) is for sessions; the daemon's
+                # auth URL is the profile's.
+                reason = str(exc).split(";")[0]
+                where = f" in {self.config.path}" if self.config.path else ""
+                message = (
+                    f"{reason}; the daemon retries by itself (check the network and the "
+                    f"auth_url under [profiles.{state.name}]{where})"
+                )
+                state.unreachable(message, now=self.clock())
                 log.warning(
                     "profile %s: %s; serving the last known info%s",
                     state.name,
-                    exc,
+                    reason,
                     " (stale)" if state.status is Status.STALE else "",
                 )
             return

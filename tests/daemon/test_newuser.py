@@ -20,6 +20,7 @@ import pytest
 
 from kbclient.daemon_api import fetch_connection
 from testbed.auth import DevAuthServer
+from testbed.procs import free_port
 from tests.conftest import ALICE_TOKEN, BOB_TOKEN, NOMFA_TOKEN
 from tests.daemon.conftest import Kbdaemon, auth_config
 
@@ -104,6 +105,9 @@ def test_doctor_without_d_bus_reports_instead_of_crashing(
     assert "[FAIL] keyring: the OS keyring failed" in result.stdout
     assert "DBUS_SESSION_BUS_ADDRESS" in result.stdout
     assert "run `kbdaemon doctor`" not in result.stdout  # no advice to run what is running
+    status = kbdaemon.status()
+    assert status["keyring"].startswith("OS keyring, not usable: the OS keyring failed")
+    assert status["profiles"][0]["status"] == "KEYRING_UNAVAILABLE"
 
 
 def test_doctor_checks_the_profile_it_is_given(kbdaemon: Kbdaemon, dev_auth: DevAuthServer) -> None:
@@ -233,6 +237,18 @@ def test_login_advice_that_works(
     assert "no token given; copy one from https://ci.kbase.us/#auth2/account" in empty.stderr
     empty = kbdaemon("login", "--with-token", input="\n")
     assert "copy one from https://narrative.kbase.us/#auth2/account" in empty.stderr
+
+
+def test_the_daemon_points_at_the_profile_when_auth2_is_unreachable(
+    kbdaemon: Kbdaemon, dev_auth: DevAuthServer
+) -> None:
+    login(kbdaemon, ALICE_TOKEN, "--insecure-storage")
+    kbdaemon.write_config(f'[profiles.prod]\nauth_url = "http://127.0.0.1:{free_port()}/"\n')
+    start(kbdaemon)
+    result = kbdaemon("token")
+    assert result.returncode == 6 and "is unreachable" in result.stderr
+    assert f"the auth_url under [profiles.prod] in {kbdaemon.config_path}" in result.stderr
+    assert "KBASE_AUTH_URL" not in result.stderr and "auth_url=" not in result.stderr
 
 
 # -- item 8: the running daemon reloads its config ----------------------------------------------
