@@ -302,7 +302,7 @@ def fetch_connection(
 
 
 def reload(
-    profile: str | None = None, *, timeout: float = 10.0, path: Path | None = None
+    profile: str | None = None, *, timeout: float = 20.0, path: Path | None = None
 ) -> dict[str, Any] | None:
     """Ask the running daemon to read its config and token store again; its status, or None."""
     return request(_with_profile(ROUTE_RELOAD, profile), timeout=timeout, path=path, method="POST")

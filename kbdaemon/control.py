@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from kbclient.daemon_api import DaemonAnswerError, request
+from kbclient.daemon_api import ROUTE_HEALTH, DaemonAnswerError, request
 from kbdaemon.errors import AlreadyRunningError, DaemonStartError, NotRunningError
 from kbdaemon.paths import DaemonPaths
 
@@ -74,7 +74,7 @@ class RunningDaemon:
 def find_daemon(paths: DaemonPaths) -> RunningDaemon | None:
     """The running daemon of this user, asked on its socket, else found by its pid file."""
     try:
-        health = request("/v1/health", path=paths.socket, timeout=3.0)
+        health = request(ROUTE_HEALTH, path=paths.socket, timeout=3.0)
     except (DaemonAnswerError, OSError, ValueError):
         health = None
     if health is not None:

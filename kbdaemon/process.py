@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import IO
 
-from kbclient.daemon_api import DaemonAnswerError, request, transport
+from kbclient.daemon_api import ROUTE_HEALTH, DaemonAnswerError, request, transport
 from kbclient.profiles import Config, load_config
 from kbdaemon import _loop, api
 from kbdaemon.control import read_pid, socket_answers
@@ -130,7 +130,7 @@ def claim_socket(paths: DaemonPaths) -> None:
 
 def _answers_health(paths: DaemonPaths) -> bool:
     try:
-        return request("/v1/health", path=paths.socket, timeout=1.0) is not None
+        return request(ROUTE_HEALTH, path=paths.socket, timeout=1.0) is not None
     except (DaemonAnswerError, OSError, ValueError):
         return True  # something answers, even if not as a daemon should
 

@@ -107,7 +107,14 @@ def cmd_restart(args: argparse.Namespace) -> int:
     if running is not None:
         with contextlib.suppress(NotRunningError):
             print(f"kbdaemon stopped (pid {stop_daemon(paths)}).")
-    return cmd_start(args)
+    result = cmd_start(args)
+    if result != exitcodes.OK and running is not None:
+        print(
+            "kbdaemon: the daemon was stopped but the new one did not start (reason above); "
+            "no daemon runs now: fix it and run `kbdaemon start`",
+            file=sys.stderr,
+        )
+    return result
 
 
 def cmd_run(args: argparse.Namespace) -> int:
