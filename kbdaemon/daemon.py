@@ -21,8 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -42,6 +40,7 @@ from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
 from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
 from kbdaemon.keystore import Keystore
+from kbdaemon.notify import desktop_notify
 from kbdaemon.s3proxy import S3Proxy
 from kbdaemon.settings import DaemonSettings, daemon_settings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
@@ -408,26 +407,3 @@ class Daemon:
             "default_profile": self.config.default_profile,
             "profiles": profiles,
         }
-
-
-def desktop_notify(title: str, text: str) -> None:
-    """Show a desktop notification where the platform has one; never raises."""
-    if sys.platform == "darwin":
-        script = f"display notification {_applescript(text)} with title {_applescript(title)}"
-        argv = ["osascript", "-e", script]
-    elif os.environ.get("DBUS_SESSION_BUS_ADDRESS") and shutil.which("notify-send"):
-        argv = ["notify-send", "--app-name=kbdaemon", title, text]
-    else:
-        return
-    import subprocess
-
-    try:
-        subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-    except OSError as exc:
-        log.debug("no desktop notification: %s", exc)
-
-
-def _applescript(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
