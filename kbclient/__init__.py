@@ -4,8 +4,10 @@
     spark = create_spark_session()
 
 The token comes from the first of: the ``token`` argument, KBASE_AUTH_TOKEN, KB_AUTH_TOKEN, the
-running kbdaemon, the OS keyring entry ``kbdaemon login`` wrote. pyspark and httpx are imported
-on first use, so ``import kbclient`` stays light.
+running kbdaemon, the token store ``kbdaemon login`` wrote (``kbclient.tokenstore``: the
+``--insecure-storage`` file, then the OS keyring). The daemon's socket API is
+``kbclient.daemon_api``, the profiles ``kbclient.profiles``. pyspark and httpx are imported on
+first use, so ``import kbclient`` stays light.
 """
 
 from __future__ import annotations
