@@ -25,7 +25,8 @@ from kbdaemon import _loop, exitcodes
 from kbdaemon.errors import KBDaemonError
 
 if TYPE_CHECKING:
-    from kbdaemon.s3keys import GovernanceClient, S3KeySource
+    from kbdaemon.governance import GovernanceClient
+    from kbdaemon.s3keys import S3KeySource
     from kbdaemon.s3proxy import S3Proxy
 
 TOKEN_ENV = "KBASE_AUTH_TOKEN"  # noqa: S105 - a variable name, not a secret
@@ -137,7 +138,8 @@ def key_source(
     Raises:
         ValueError: an option is missing or names an empty variable (the message says which).
     """
-    from kbdaemon.s3keys import GovernanceClient, S3Keys, S3KeysError, S3KeySource
+    from kbdaemon.governance import GovernanceClient
+    from kbdaemon.s3keys import S3Keys, S3KeysError, S3KeySource
 
     if args.secret_key_env and not args.access_key_env:
         raise ValueError("--secret-key-env goes with --access-key-env")

@@ -15,8 +15,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from kbdaemon import exitcodes
+from kbdaemon.governance import GovernanceClient
 from kbdaemon.s3keys import (
-    GovernanceClient,
     S3AccessDeniedError,
     S3KeyHolder,
     S3Keys,
@@ -65,6 +65,7 @@ def test_holder_refreshes_on_schedule_and_keeps_keys_until_they_expire() -> None
     assert holder.current(3600) is None
     status = holder.status(3600)
     assert status.state == "expired" and status.last_error_code == "S3_KEYS_UNAVAILABLE"
+    assert S3KeySource.fixed(KEYS).status().state == "fresh"
     assert holder.fetched(KEYS, 4000) is False  # the same keys again: no change
     assert holder.fetched(OTHER, 4300) is True
 
