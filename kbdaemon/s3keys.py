@@ -17,8 +17,9 @@ How it works::
 
 Keys are good for ``keep_for`` after the last successful fetch: when the service is down the
 last keys are used until then (the service would answer them anyway; only a rotation changes
-them). They are refreshed every ``refresh_every``, sooner when S3 refused them. The secret is
-in no repr, log line or error message.
+them); when it refuses the token or the account, they are dropped at once. They are refreshed
+every ``refresh_every``, sooner when S3 refused them. The secret is in no repr, log line or
+error message.
 """
 
 from __future__ import annotations
@@ -203,8 +204,12 @@ class S3KeyHolder:
         return changed
 
     def failed(self, error: S3KeysError) -> None:
-        """Record a failed refresh; the held keys stay until they expire."""
+        """Record a failed refresh: the held keys stay until they expire if the service could
+        not answer, and are dropped at once if it refused the token or the account."""
         self._error = error
+        if isinstance(error, S3KeysTokenRejectedError | S3AccessDeniedError):
+            self._keys = None
+            self._stale = False
 
     def mark_stale(self) -> None:
         """The service said the keys changed (or S3 refused them): refresh at the next chance."""

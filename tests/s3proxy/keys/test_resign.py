@@ -178,6 +178,11 @@ def test_boto3_with_dummy_keys_reads_lists_and_writes(
     client.put_object(Bucket=BUCKET, Key="resign/put.bin", Body=BLOB[:5000])
     stored = seaweed.client().get_object(Bucket=BUCKET, Key="resign/put.bin")["Body"].read()
     assert stored == BLOB[:5000]
+    odd = "resign/a key+with spaces,ünïcode&(sign)=x~*.bin"
+    client.put_object(Bucket=BUCKET, Key=odd, Body=b"odd")
+    assert client.get_object(Bucket=BUCKET, Key=odd)["Body"].read() == b"odd"
+    listed = client.list_objects_v2(Bucket=BUCKET, Prefix="resign/a key+", Delimiter="/")
+    assert [o["Key"] for o in listed["Contents"]] == [odd]
     with pytest.raises(ClientError) as missing:
         client.get_object(Bucket=BUCKET, Key="resign/absent.bin")
     assert missing.value.response["Error"]["Code"] == "NoSuchKey"

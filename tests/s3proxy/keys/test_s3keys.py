@@ -70,6 +70,16 @@ def test_holder_refreshes_on_schedule_and_keeps_keys_until_they_expire() -> None
     assert holder.fetched(OTHER, 4300) is True
 
 
+def test_holder_drops_the_keys_when_the_service_refuses_the_token_or_the_account() -> None:
+    for error in (S3KeysTokenRejectedError("log in"), S3AccessDeniedError("no role")):
+        holder = S3KeyHolder(refresh_every=300, keep_for=3600)
+        holder.fetched(KEYS, 0)
+        holder.failed(error)
+        assert holder.current(301) is None
+        status = holder.status(301)
+        assert status.state == "none" and status.last_error_code == error.code
+
+
 def test_holder_marked_stale_refreshes_at_once_and_forcing_is_rate_limited() -> None:
     holder = S3KeyHolder(refresh_every=300, keep_for=3600, min_forced_interval=10)
     holder.fetched(KEYS, 0)
