@@ -32,7 +32,7 @@ DUMMY_KEY = "dummy-access-key"
 DUMMY_SECRET = "dummy-secret-key-0123456789"
 
 
-def _tokens() -> dict[str, dict[str, Any]]:
+def auth_tokens() -> dict[str, dict[str, Any]]:
     tokens = {token: dict(entry) for token, entry in TEST_TOKENS.items()}
     for token in (ALICE_TOKEN, BOB_TOKEN, EXPIRED_TOKEN):
         tokens[token]["customroles"] = [REQUIRED_ROLE]
@@ -41,7 +41,7 @@ def _tokens() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def keys_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevAuthServer]:
-    server = start_dev_auth(tmp_path_factory.mktemp("keys-auth"), _tokens())
+    server = start_dev_auth(tmp_path_factory.mktemp("keys-auth"), auth_tokens())
     yield server
     server.stop()
 

@@ -7,12 +7,14 @@ keys the governance stand-in handed out for alice's token.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +27,10 @@ from yarl import URL
 
 from kbdaemon import _redirects as rd
 from kbdaemon import exitcodes
-from kbdaemon.s3keys import S3Keys
+from kbdaemon.governance import GovernanceClient
+from kbdaemon.s3keys import S3KeyHolder, S3Keys, S3KeySource
+from kbdaemon.s3proxy import S3Proxy
+from testbed.auth import DevAuthServer
 from testbed.governance import Governance
 from testbed.procs import free_port
 from testbed.s3 import (
@@ -38,8 +43,15 @@ from testbed.s3 import (
     SeaweedS3,
     start_proxy_process,
 )
-from tests.conftest import ALICE_TOKEN
-from tests.s3proxy.keys.conftest import DUMMY_KEY, DUMMY_SECRET, NOROLE_TOKEN, dummy_client
+from tests.conftest import ALICE_TOKEN, BOB_TOKEN
+from tests.s3proxy.keys.conftest import (
+    DUMMY_KEY,
+    DUMMY_SECRET,
+    NOROLE_TOKEN,
+    auth_tokens,
+    dummy_client,
+)
+from tests.s3proxy.test_failures import s3_error
 
 BLOB = bytes(range(256)) * 1200
 TABLE = pa.table({"id": pa.array(range(2000), pa.int64()), "name": [f"g{i}" for i in range(2000)]})
@@ -67,8 +79,6 @@ def dummy_arrow(endpoint: str) -> pafs.S3FileSystem:
 
 
 def current_secret(governance: Governance) -> str:
-    import httpx
-
     response = httpx.get(
         governance.url + "credentials/",
         headers={"Authorization": f"Bearer {ALICE_TOKEN}"},
@@ -357,3 +367,41 @@ def test_the_secret_is_in_no_log_of_the_proxy(
     assert "re-signing" in log
     assert current_secret(governance) not in log
     assert ALICE_TOKEN not in log
+
+
+@pytest.mark.slow
+async def test_a_token_revoked_mid_run_drops_the_keys(
+    lake: dict[str, str],
+    checking_emulator: DeltaLakeProxyEmulator,
+    governance: Governance,
+    keys_auth: DevAuthServer,
+) -> None:
+    """An unsigned client through an in-process proxy; bob's token revoked, the keys go."""
+    now = [time.time()]
+    client = GovernanceClient(governance.url)
+    holder = S3KeyHolder(refresh_every=60, keep_for=3600, retry_after=0)
+    source = S3KeySource(lambda: client.fetch(BOB_TOKEN), holder=holder, clock=lambda: now[0])
+    proxy = S3Proxy(upstream=checking_emulator.url, allow_http_hosts=["127.0.0.1"], keys=source)
+    await proxy.start()
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = f"{proxy.endpoint}/{BUCKET}/{lake['blob']}"
+            assert (await http.get(url)).content == BLOB  # no signature at all: re-signed
+            keys_auth.write_tokens({t: e for t, e in auth_tokens().items() if t != BOB_TOKEN})
+            now[0] += 120  # a refresh is due: it runs in the background, the old keys serve
+            assert (await http.get(url)).content == BLOB
+            deadline = time.monotonic() + 20
+            while source.status().state != "none":
+                assert time.monotonic() < deadline, source.status()
+                await asyncio.sleep(0.05)
+            refused = await http.get(url)
+            assert refused.status_code == 403
+            error = s3_error(refused)
+            assert error["Code"] == "S3KeysRefused"
+            assert "kbdaemon login" in error["Message"]
+            assert BOB_TOKEN not in refused.text
+    finally:
+        keys_auth.write_tokens(auth_tokens())
+        await proxy.close()
+        await source.close()
+        await client.close()
