@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,6 +45,7 @@ __all__ = [
     "S3KeysError",
     "S3KeysTokenRejectedError",
     "S3KeysUnavailableError",
+    "credential_process_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,27 @@ class S3Keys:
             raise ValueError("the answer has no s3_access_key and s3_secret_key")
         username = data.get("username")
         return cls(access, secret, username if isinstance(username, str) else "")
+
+
+def credential_process_json(keys: S3Keys, *, expires_at: float | None = None) -> dict[str, Any]:
+    """The AWS SDKs' ``credential_process`` output (Version 1) for ``keys``.
+
+    Args:
+        keys: the keys to hand out.
+        expires_at: wall-clock seconds when an SDK should run the process again (it caches
+            the keys until a few minutes before); None for no expiry.
+    """
+    out: dict[str, Any] = {
+        "Version": 1,
+        "AccessKeyId": keys.access_key,
+        "SecretAccessKey": keys.secret_key,
+    }
+    if keys.session_token:
+        out["SessionToken"] = keys.session_token
+    if expires_at is not None:
+        when = datetime.datetime.fromtimestamp(expires_at, tz=datetime.timezone.utc)
+        out["Expiration"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ stand-in, whose keys are real SeaweedFS identities (checked by using them at Sea
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -24,6 +27,7 @@ from kbdaemon.s3keys import (
     S3KeySource,
     S3KeysTokenRejectedError,
     S3KeysUnavailableError,
+    credential_process_json,
 )
 from testbed.governance import Governance
 from testbed.procs import free_port
@@ -111,6 +115,29 @@ def test_keys_from_a_body_that_is_not_the_model() -> None:
 def test_credentials_url_must_be_http() -> None:
     with pytest.raises(S3KeysError, match="http"):
         GovernanceClient("ftp://governance.example.org/?token=secret")
+
+
+def test_credential_process_output_is_what_botocore_reads(tmp_path: Path) -> None:
+    """A real ~/.aws/config whose credential_process prints our JSON; boto3 loads the keys."""
+    out = credential_process_json(KEYS, expires_at=time.time() + 3600)
+    assert out["Version"] == 1 and out["Expiration"].endswith("Z")
+    script = tmp_path / "creds.py"
+    script.write_text(f"import json; print(json.dumps({out!r}))")
+    config = tmp_path / "config"
+    config.write_text(f"[profile kbase]\ncredential_process = {sys.executable} {script}\n")
+    session = boto3.Session(profile_name="kbase", botocore_session=_session(config))
+    credentials = session.get_credentials().get_frozen_credentials()
+    assert (credentials.access_key, credentials.secret_key) == (KEYS.access_key, KEYS.secret_key)
+    assert "Expiration" not in credential_process_json(KEYS)
+
+
+def _session(config: Path) -> Any:
+    import botocore.session
+
+    session = botocore.session.Session()
+    session.set_config_variable("config_file", str(config))
+    session.set_config_variable("credentials_file", str(config.with_name("credentials")))
+    return session
 
 
 # --- the client against the stand-in ------------------------------------------------------------
