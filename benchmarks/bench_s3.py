@@ -10,7 +10,13 @@ measurement of the run:
 2. 1,000 ranged 64 KiB GETs from one keep-alive httpx client: direct (two requests, the 307 and
    the pre-signed GET), through the proxy and through nginx; p50/p99 of each and the proxy's added
    latency over direct;
-3. the proxy's peak RSS while 4 curl clients each download the 1 GiB object at once.
+3. the proxy's peak RSS while 4 curl clients each download the 1 GiB object at once;
+4. the cost of re-signing: the ranged GETs of 2 also go through a second proxy that re-signs
+   each request with keys of its own (``--access-key-env``), p50 against the plain proxy's and
+   the median of the per-request differences.
+
+``BENCH_S3_SMOKE=1`` runs it with a 64 MiB object, one run and 50 ranged GETs: a quick proof that
+the benchmark works, not figures to report.
 
 Medians of several runs, interleaved; ratios against the baselines of the same run. CPU seconds
 of the proxy and of SeaweedFS are printed beside the throughputs: on 2 cores they say what limited
@@ -34,12 +40,20 @@ import psutil
 from benchmarks.nginx import require_nginx
 from benchmarks.stats import median, percentile, ratio
 from testbed.procs import ChildProcess, PeakRss, free_port, port_open
-from testbed.s3 import BUCKET, put_large_object, s3_stack, start_proxy_process
+from testbed.s3 import (
+    ACCESS_KEY,
+    BUCKET,
+    SECRET_KEY,
+    put_large_object,
+    s3_stack,
+    start_proxy_process,
+)
 
-SIZE = 1 << 30
+SMOKE = os.environ.get("BENCH_S3_SMOKE") == "1"
+SIZE = 64 << 20 if SMOKE else 1 << 30
 KEY = "bench/1GiB.bin"
-RUNS = 5
-RANGED = 1000
+RUNS = 1 if SMOKE else 5
+RANGED = 50 if SMOKE else 1000
 RANGE_SIZE = 64 * 1024
 CONCURRENT = 4
 # What a real SDK sends: the proxy and nginx must drop these on the followed request.
@@ -218,6 +232,10 @@ def ranged(endpoints: dict[str, str], emulator_url: str) -> dict[str, Any]:
     for name in endpoints:
         figures[f"{name}_added_p50_ms"] = figures[f"{name}_p50_ms"] - figures["direct_p50_ms"]
         figures[f"{name}_added_p99_ms"] = figures[f"{name}_p99_ms"] - figures["direct_p99_ms"]
+    if "resigning" in latencies:
+        figures["resigning_cost_paired_ms"] = median(
+            [a - b for a, b in zip(latencies["resigning"], latencies["proxy"], strict=True)]
+        )
     return figures
 
 
@@ -249,6 +267,16 @@ def run(workdir: Path) -> None:
         print("uploading the 1 GiB object ...", flush=True)
         put_large_object(s3.client(), KEY, SIZE)
         proxy = start_proxy_process(base, emulator.url, verbose=False)
+        resigning = start_proxy_process(
+            base,
+            emulator.url,
+            "--access-key-env",
+            "BENCH_S3_KEY",
+            "--secret-key-env",
+            "BENCH_S3_SECRET",
+            verbose=False,
+            env={"BENCH_S3_KEY": ACCESS_KEY, "BENCH_S3_SECRET": SECRET_KEY},
+        )
         nginx, nginx_url = start_nginx(base / "nginx", emulator.port)
         try:
             endpoints = {"proxy": proxy.endpoint, "nginx": nginx_url}
@@ -256,11 +284,12 @@ def run(workdir: Path) -> None:
             pids = {"proxy": proxy.child.pid, "nginx": nginx.pid, "s3": s3.child.pid}
             tput = throughput(endpoints, emulator.url, pids)
             print(f"{RANGED} ranged 64 KiB GETs (httpx client, keep-alive) ...", flush=True)
-            lat = ranged(endpoints, emulator.url)
+            lat = ranged({**endpoints, "resigning": resigning.endpoint}, emulator.url)
             print(f"{CONCURRENT} concurrent 1 GiB GETs through the proxy ...", flush=True)
             rss = peak_rss_concurrent(proxy.endpoint, proxy.child.pid)
         finally:
             nginx.stop()
+            resigning.stop()
             proxy.stop()
     figures = {"throughput": tput, "ranged": lat, "concurrent": rss}
     print()
@@ -287,15 +316,21 @@ def run(workdir: Path) -> None:
     )
     print(f"  machine load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{RANGED} ranged 64 KiB GETs:")
-    for name in ("direct", "proxy", "nginx"):
+    for name in ("direct", "proxy", "nginx", "resigning"):
         print(
-            f"  {name:7} p50 {lat[f'{name}_p50_ms']:6.2f} ms   p99 {lat[f'{name}_p99_ms']:6.2f} ms"
+            f"  {name:9} p50 {lat[f'{name}_p50_ms']:6.2f} ms   p99 {lat[f'{name}_p99_ms']:6.2f} ms"
         )
     for name in ("proxy", "nginx"):
         print(
             f"  {name} added over direct: p50 {lat[f'{name}_added_p50_ms']:+.2f} ms, "
             f"p99 {lat[f'{name}_added_p99_ms']:+.2f} ms (goal p50 < 1 ms)"
         )
+    print(
+        f"  re-signing cost per request: p50 "
+        f"{lat['resigning_p50_ms'] - lat['proxy_p50_ms']:+.2f} ms over the proxy without it, "
+        f"{lat['resigning_cost_paired_ms']:+.2f} ms median of "
+        "per-request differences"
+    )
     print(
         f"{CONCURRENT} concurrent 1 GiB GETs: proxy RSS idle {rss['idle_rss_MB']:.0f} MB, "
         f"peak {rss['peak_rss_MB']:.0f} MB (goal < 100 MB), "

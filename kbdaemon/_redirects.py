@@ -13,7 +13,15 @@ or SigV2 ``Signature`` with ``AWSAccessKeyId``) over https, or over http to a ho
 allowed. The followed request carries only what the URL signed plus Range and If-*: S3 refuses a
 pre-signed request that also has an Authorization header, and unsigned ``x-amz-*`` headers can
 break the signature. ``upstream_headers`` is the one seam where the upstream request's headers are
-made; re-signing with credentials the daemon holds goes there.
+made; with keys configured, ``resign`` then replaces the client's signature by one made with them
+(botocore's SigV4 signer), so the client may sign with any key.
+
+Re-signing signs Host, every ``x-amz-*`` header, Content-MD5, Content-Type and Range, with the
+client's ``x-amz-content-sha256`` (a body hash, ``UNSIGNED-PAYLOAD`` or
+``STREAMING-UNSIGNED-PAYLOAD-TRAILER``; ``UNSIGNED-PAYLOAD`` when it sent none). A body in signed
+chunks (``STREAMING-AWS4-HMAC-SHA256-PAYLOAD``) carries signatures chained to the client's key and
+cannot be re-signed: it is refused. A request signed in its query (a pre-signed URL) is sent as
+it is.
 """
 
 from __future__ import annotations
@@ -22,8 +30,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from kbdaemon.s3keys import S3Keys
 
 MAX_HOPS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -73,10 +86,72 @@ def upstream_headers(client_headers: Headers) -> CIMultiDict[str]:
     """Headers of the request to the upstream: the client's, less hop-by-hop ones and Host.
 
     Expect is dropped too: the proxy's own server already answered ``100 Continue``.
-    This is the seam for re-signing: today Authorization goes through as the client made it.
+    Authorization goes through as the client made it; :func:`resign` replaces it when the proxy
+    holds keys.
     """
     drop = _hop_by_hop(client_headers) | {"host", "expect"}
     return CIMultiDict((k, v) for k, v in client_headers.items() if k.lower() not in drop)
+
+
+_CLIENT_SIGNING = frozenset({"authorization", "x-amz-date", "x-amz-security-token"})
+_SIGNED_ALSO = frozenset({"content-md5", "content-type", "range"})
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+_SIGNED_CHUNKS = ("STREAMING-AWS4-HMAC-SHA256-PAYLOAD", "STREAMING-AWS4-ECDSA-P256-SHA256-PAYLOAD")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A client request the proxy will not send on: the client gets this S3 error."""
+
+    status: int
+    code: str
+    message: str
+
+
+class _Signer(S3SigV4Auth):  # type: ignore[misc]
+    """botocore's S3 SigV4 signer, signing the body hash the client declared."""
+
+    def __init__(self, credentials: Credentials, region: str, content_sha256: str) -> None:
+        super().__init__(credentials, "s3", region)
+        self._content_sha256 = content_sha256
+
+    def payload(self, request: AWSRequest) -> str:
+        return self._content_sha256
+
+
+def resign(
+    headers: CIMultiDict[str], *, method: str, url: URL, keys: S3Keys, region: str
+) -> CIMultiDict[str] | Refusal:
+    """``headers`` (from :func:`upstream_headers`) signed for ``method`` ``url`` with ``keys``.
+
+    The client's Authorization, X-Amz-Date and X-Amz-Security-Token are replaced; the rest of
+    the headers go as they are. Returns a :class:`Refusal` for a body in signed chunks.
+    """
+    if is_presigned(url):
+        return headers
+    content_sha256 = headers.get("x-amz-content-sha256", "").strip() or UNSIGNED_PAYLOAD
+    if content_sha256.upper().startswith(_SIGNED_CHUNKS):
+        return Refusal(
+            501,
+            "NotImplemented",
+            "the local S3 proxy signs requests with your S3 keys itself and cannot re-sign an "
+            "upload in signed chunks (STREAMING-AWS4-HMAC-SHA256-PAYLOAD); turn chunked "
+            "signing off in the client (unsigned payloads are fine)",
+        )
+    kept = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _CLIENT_SIGNING)
+    to_sign = {
+        k: v for k, v in kept.items() if k.lower().startswith("x-amz-") or k.lower() in _SIGNED_ALSO
+    }
+    to_sign["X-Amz-Content-SHA256"] = content_sha256
+    request = AWSRequest(method=method, url=str(url), headers=to_sign)
+    credentials = Credentials(keys.access_key, keys.secret_key, keys.session_token or None)
+    _Signer(credentials, region, content_sha256).add_auth(request)
+    for name in ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256", "X-Amz-Security-Token"):
+        value = request.headers.get(name)
+        if value is not None:
+            kept.popall(name, None)
+            kept[name] = value
+    return kept
 
 
 def response_headers(upstream: Headers) -> CIMultiDict[str]:

@@ -19,6 +19,8 @@ UPSTREAM_TIMEOUT = (504, "UpstreamTimeout")
 BAD_REDIRECT = (502, "BadRedirect")
 HOST_REFUSED = (403, "HostNotAllowed")
 NOT_A_PROXY = (403, "AbsoluteUriRefused")
+KEYS_UNAVAILABLE = (503, "S3KeysUnavailable")  # the governance service is down, no keys held
+KEYS_REFUSED = (403, "S3KeysRefused")  # the service refused the token or the account
 
 
 def new_request_id() -> str:

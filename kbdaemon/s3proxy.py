@@ -4,7 +4,10 @@ How it works (one client request)::
 
     check Host and request target --refused--> 403 S3 error
         |
+    keys configured? re-sign the headers with them (S3KeySource; none to be had -> 503/403)
+        |
     forward to the upstream (Delta Lake Proxy): method, path, query, headers, streamed body
+        |   (403 to re-signed keys: refresh them, and send again once if they changed)
         |
     3xx to a pre-signed S3 URL? --yes--> follow it with only the signed headers + Range/If-*
         |                                (up to 5 hops; loop, bad Location -> 502 S3 error)
@@ -27,12 +30,20 @@ from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from kbclient.daemon_api import ErrorCode
 from kbdaemon import _bodyrelay, _s3errors
 from kbdaemon import _redirects as rd
 from kbdaemon.errors import KBDaemonError, PortInUseError
+from kbdaemon.s3keys import (
+    S3AccessDeniedError,
+    S3Keys,
+    S3KeysError,
+    S3KeySource,
+    S3KeysTokenRejectedError,
+)
 
 __all__ = ["S3Proxy", "S3ProxyError"]
 
@@ -69,6 +80,9 @@ class S3Proxy:
             followed over plain http; https is required otherwise.
         connect_timeout: seconds to connect to the upstream or S3.
         read_timeout: seconds without a byte from the upstream or S3 before giving up.
+        keys: where the S3 keys come from; with them every upstream request is re-signed
+            (the client's own signature is dropped). None forwards the client's signature.
+        region: the region re-signed requests name in their credential scope.
 
     Raises:
         S3ProxyError: from the constructor for bad settings, from :meth:`start` when the
@@ -85,8 +99,12 @@ class S3Proxy:
         allow_http_hosts: Sequence[str] = (),
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
+        keys: S3KeySource | None = None,
+        region: str = "us-east-1",
     ) -> None:
         self._upstream = _parse_upstream(upstream)
+        self._keys = keys
+        self._region = region
         self._upstream_base = str(self._upstream).rstrip("/")
         if not allow_remote and not _is_loopback(host):
             raise S3ProxyError(
@@ -111,7 +129,10 @@ class S3Proxy:
         self._runner: web.AppRunner | None = None
 
     def __repr__(self) -> str:
-        return f"S3Proxy(upstream={rd.redacted(self._upstream)!r}, endpoint={self.endpoint!r})"
+        return (
+            f"S3Proxy(upstream={rd.redacted(self._upstream)!r}, endpoint={self.endpoint!r}, "
+            f"resigning={self._keys is not None})"
+        )
 
     @property
     def endpoint(self) -> str:
@@ -169,7 +190,10 @@ class S3Proxy:
         )
         self._runner = runner
         log.info(
-            "S3 proxy listening on %s, upstream %s", self.endpoint, rd.redacted(self._upstream)
+            "S3 proxy listening on %s, upstream %s%s",
+            self.endpoint,
+            rd.redacted(self._upstream),
+            ", re-signing with the configured keys" if self._keys else "",
         )
 
     async def close(self) -> None:
@@ -261,8 +285,22 @@ class S3Proxy:
         assert self._session is not None
         method = request.method
         headers = rd.upstream_headers(request.headers)
+        keys = None
+        if self._keys is not None:
+            keys = await self._current_keys()
+            headers = self._signed(headers, method, url, keys)
         visited = [url]
         response = await self._send(method, url, headers, request.content if has_body else None)
+        if keys is not None and response.status == 403 and not has_body:
+            assert self._keys is not None
+            newer = await self._keys.refresh_after_rejection(keys)
+            if newer is not None:
+                log.info(
+                    "%s %s: S3 refused the keys; sending again with new ones", method, url.path
+                )
+                await _discard(response)
+                headers = self._signed(rd.upstream_headers(request.headers), method, url, newer)
+                response = await self._send(method, url, headers, None)
         while True:
             decision = rd.decide_redirect(
                 status=response.status,
@@ -282,6 +320,23 @@ class S3Proxy:
             url, method = decision.url, decision.method
             visited.append(url)
             response = await self._send(method, url, rd.follow_headers(request.headers, url), None)
+
+    async def _current_keys(self) -> S3Keys:
+        assert self._keys is not None
+        try:
+            return await self._keys.get()
+        except S3KeysError as exc:
+            if isinstance(exc, S3KeysTokenRejectedError | S3AccessDeniedError):
+                raise _Failure(*_s3errors.KEYS_REFUSED, exc.message) from None
+            raise _Failure(*_s3errors.KEYS_UNAVAILABLE, exc.message) from None
+
+    def _signed(
+        self, headers: CIMultiDict[str], method: str, url: URL, keys: S3Keys
+    ) -> CIMultiDict[str]:
+        signed = rd.resign(headers, method=method, url=url, keys=keys, region=self._region)
+        if isinstance(signed, rd.Refusal):
+            raise _Failure(signed.status, signed.code, signed.message)
+        return signed
 
     async def _send(
         self,

@@ -14,6 +14,11 @@ The emulator (``python -m testbed.s3 emulator``) is an aiohttp process with two 
   S3 does (SeaweedFS itself accepts such requests), and relays everything else to SeaweedFS
   byte for byte, Host included, so SeaweedFS checks the pre-signed signature.
 
+With ``check_signatures`` (``--check-signatures``) the emulator is the real proxy's ``forward``
+mode: it passes the client's own signature on to SeaweedFS, Host included, so SeaweedFS checks
+it against the client's identity; a data-file GET is checked the same way before the redirect.
+The local proxy's re-signing is tested against this mode (a dummy client key then fails at S3).
+
 ``POST /_emulator/behaviour`` on the proxy listener (JSON ``{"mode": ...}``) switches failure modes
 for tests: ``status500``, ``loop``, ``chain``, ``malformed``, ``expired``, ``plain_redirect``,
 ``slow``; ``null`` restores normal behaviour.
@@ -27,6 +32,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import sys
@@ -75,6 +81,7 @@ class SeaweedS3:
 
     port: int
     child: ChildProcess
+    master: str = ""  # ``127.0.0.1:PORT.GRPCPORT``, the form `weed shell -master=` takes
 
     @property
     def url(self) -> str:
@@ -153,13 +160,14 @@ def _start_seaweedfs_once(workdir: Path, config: Path, bucket: str, attempt: int
         f"-s3.config={config}",
     ]
     child = ChildProcess(argv, log_path=workdir / f"weed-{attempt}.log", cwd=workdir)
-    server = SeaweedS3(port=p[0], child=child)
+    server = SeaweedS3(port=p[0], child=child, master=f"127.0.0.1:{p[1]}.{p[2]}")
     try:
         child.wait_until(lambda: _s3_answers(server.url), timeout=60, what="SeaweedFS")
         _create_bucket(server, bucket)
     except BaseException as exc:
+        log = child.log_text()
         child.stop()
-        if not isinstance(exc, KeyboardInterrupt) and "address already in use" in child.log_text():
+        if not isinstance(exc, KeyboardInterrupt) and "address already in use" in log:
             raise _PortTaken from exc  # another process took a port after we chose it
         raise
     return server
@@ -245,8 +253,11 @@ _DROP_FROM_S3 = frozenset({"transfer-encoding", "connection", "keep-alive", "con
 class Emulator:
     """The Delta Lake Proxy emulator's two aiohttp apps (see the module docstring)."""
 
-    def __init__(self, *, s3_url: str, front_url: str | None) -> None:
+    def __init__(
+        self, *, s3_url: str, front_url: str | None, check_signatures: bool = False
+    ) -> None:
         self.s3_url = s3_url.rstrip("/")
+        self.check_signatures = check_signatures
         # Where pre-signed URLs point: the S3 front, or SeaweedFS itself (benchmarks).
         self.presign_base = (front_url or s3_url).rstrip("/")
         self.mode: str | None = None
@@ -289,8 +300,26 @@ class Emulator:
             target = request.url if self.mode == "loop" else request.url.update_query(hop=hop)
             return web.Response(status=307, headers={"Location": str(target)})
         if request.method == "GET" and _is_data_file(request.path, query):
+            if self.check_signatures:
+                refused = await self._check(request)
+                if refused is not None:
+                    return refused
             return self._redirect(request)
+        if self.check_signatures:
+            return await self._front(request)  # the client's signature, checked by SeaweedFS
         return await self._forward(request)
+
+    async def _check(self, request: web.Request) -> web.Response | None:
+        """The client's signed GET sent to SeaweedFS: None if it is accepted, else its error."""
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_FROM_S3}
+        async with self.session.get(
+            self.s3_url + request.raw_path, headers=headers, allow_redirects=False
+        ) as upstream:
+            if upstream.status < 300:
+                return None
+            body = await upstream.read()
+            return web.Response(status=upstream.status, body=body, content_type="application/xml")
 
     def _redirect(self, request: web.Request) -> web.Response:
         own = f"http://{request.host}"
@@ -395,15 +424,20 @@ class DeltaLakeProxyEmulator:
 
 
 def start_emulator(
-    workdir: Path, s3: SeaweedS3, *, via_front: bool = True
+    workdir: Path, s3: SeaweedS3, *, via_front: bool = True, check_signatures: bool = False
 ) -> DeltaLakeProxyEmulator:
-    """The emulator in front of ``s3``; ``via_front=False`` signs URLs for SeaweedFS itself."""
+    """The emulator in front of ``s3``; ``via_front=False`` signs URLs for SeaweedFS itself,
+    ``check_signatures`` passes the client's signatures on to SeaweedFS (see the module doc)."""
     port, front = free_port(), free_port()
     argv = [sys.executable, "-m", "testbed.s3", "emulator", "--s3", s3.url]
     argv += ["--port", str(port), "--front-port", str(front)]
     if not via_front:
         argv.append("--direct")
-    child = ChildProcess(argv, log_path=workdir / "emulator.log", cwd=Path(__file__).parent.parent)
+    if check_signatures:
+        argv.append("--check-signatures")
+    child = ChildProcess(
+        argv, log_path=workdir / f"emulator-{port}.log", cwd=Path(__file__).parent.parent
+    )
     try:
         child.wait_until(lambda: port_open("127.0.0.1", port), timeout=30, what="S3 emulator")
     except BaseException:
@@ -430,7 +464,7 @@ def s3_stack(
 
 async def _run_emulator(args: argparse.Namespace) -> None:
     front_url = None if args.direct else f"http://127.0.0.1:{args.front_port}"
-    emulator = Emulator(s3_url=args.s3, front_url=front_url)
+    emulator = Emulator(s3_url=args.s3, front_url=front_url, check_signatures=args.check_signatures)
     runners = [
         web.AppRunner(emulator.proxy_app(), access_log=None),
         web.AppRunner(emulator.front_app(), access_log=None),
@@ -454,6 +488,9 @@ def main(argv: list[str]) -> int:
     emu.add_argument("--port", type=int, required=True)
     emu.add_argument("--front-port", type=int, required=True)
     emu.add_argument("--direct", action="store_true", help="pre-sign for SeaweedFS, not the front")
+    emu.add_argument(
+        "--check-signatures", action="store_true", help="pass client signatures on to SeaweedFS"
+    )
     args = parser.parse_args(argv)
     with suppress(KeyboardInterrupt):
         asyncio.run(_run_emulator(args))
@@ -486,15 +523,24 @@ class ProxyProcess:
 
 
 def start_proxy_process(
-    workdir: Path, upstream: str, *extra: str, verbose: bool = True
+    workdir: Path,
+    upstream: str,
+    *extra: str,
+    verbose: bool = True,
+    env: dict[str, str] | None = None,
 ) -> ProxyProcess:
     """`kbdaemon s3-proxy` on a free port, allowed to follow http URLs to 127.0.0.1.
 
     ``verbose`` logs a line per request (tests read it); users and benchmarks run without.
+    ``env`` is added to this process's environment (``KBASE_AUTH_TOKEN``, say).
     """
     argv = [sys.executable, "-m", "kbdaemon", "s3-proxy", "--upstream", upstream]
     argv += ["--allow-http-host", "127.0.0.1", *extra, *(["-v"] if verbose else [])]
-    child = ChildProcess(argv, log_path=workdir / f"s3-proxy-{time.monotonic_ns()}.log")
+    child = ChildProcess(
+        argv,
+        log_path=workdir / f"s3-proxy-{time.monotonic_ns()}.log",
+        env={**os.environ, **env} if env else None,
+    )
     found: list[str] = []
 
     def listening() -> bool:
