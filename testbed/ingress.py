@@ -269,10 +269,7 @@ def envoy_ingress_config(
                         "%UPSTREAM_TRANSPORT_FAILURE_REASON%\n"
                     },
                 },
-                "filter": {
-                    "not_health_check_filter": {},
-                    "response_flag_filter": {},
-                },
+                "filter": {"response_flag_filter": {}},
             }
         ],
         "route_config": {
