@@ -12,10 +12,11 @@ answering server's identity (testbed.standins), compared with the caller's own.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -73,7 +74,7 @@ class LoadUser:
 def _call_loop(
     user: LoadUser,
     channel_factory: Callable[[], grpc.Channel],
-    deadline: float,
+    done: Callable[[], bool],
     tally: UserTally,
     start: threading.Barrier,
     pause: float,
@@ -83,7 +84,7 @@ def _call_loop(
     with channel_factory() as channel:
         config = channel.unary_unary(CONFIG_METHOD)
         start.wait()
-        while time.monotonic() < deadline:
+        while not done():
             began = time.perf_counter()
             try:
                 response = config(request, metadata=metadata, timeout=10)
@@ -117,7 +118,14 @@ def run_users(
     threads = [
         threading.Thread(
             target=_call_loop,
-            args=(u, channel_factory, deadline, tallies[u.name], start, pause),
+            args=(
+                u,
+                channel_factory,
+                lambda: time.monotonic() >= deadline,
+                tallies[u.name],
+                start,
+                pause,
+            ),
             daemon=True,
         )
         for u in users
@@ -127,6 +135,33 @@ def run_users(
     for thread in threads:
         thread.join(seconds + 60)
     return tallies
+
+
+@contextlib.contextmanager
+def bystanders(
+    users: list[LoadUser], channel_factory: Callable[[], grpc.Channel], *, pause: float = 0.02
+) -> Iterator[Mapping[str, UserTally]]:
+    """Users calling Config (``pause`` s apart) while inside; their tallies, final on exit."""
+    tallies = {u.name: UserTally(u.name) for u in users}
+    stop = threading.Event()
+    start = threading.Barrier(len(users) + 1)
+    threads = [
+        threading.Thread(
+            target=_call_loop,
+            args=(u, channel_factory, stop.is_set, tallies[u.name], start, pause),
+            daemon=True,
+        )
+        for u in users
+    ]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    try:
+        yield tallies
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
 
 
 def misrouted(users: list[LoadUser], tallies: Mapping[str, UserTally]) -> dict[str, Counter[str]]:
