@@ -88,6 +88,7 @@ def _check(proxy: KbproxyServer, rss: TreeRss, tally: UserTally, what: str) -> N
         if tally.latencies
         else f"{what}: no bystander call succeeded"
     )
+    print(figures)  # shown with -s or -rP: the figures of a passing run too
     assert tally.ok > 0, figures
     assert not tally.failures, figures
     assert s.growth < RSS_GROWTH_LIMIT, figures
