@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 import string
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import escapism
 import pytest
+from kbproxy.cli import build_parser, settings_from_args
 from kbproxy.errors import ConfigError
 from kbproxy.routing import Router
 from kbproxy.slugs import backend_name, escape_name, safe_name
@@ -133,6 +136,29 @@ def test_router_uses_the_scheme_and_refuses_an_unknown_one() -> None:
     assert escaped.address_for("bob_1") == "jupyter-bob-5f1.ns.svc:15002"
     with pytest.raises(ConfigError, match="use safe or escape"):
         Router(template=template, name_scheme="short")  # type: ignore[arg-type]
+
+
+def test_scheme_flag_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    def scheme(*argv: str) -> str:
+        return settings_from_args(build_parser().parse_args(["serve", *argv])).backend_name_scheme
+
+    assert scheme() == "safe"
+    monkeypatch.setenv("KBPROXY_BACKEND_NAME_SCHEME", "escape")
+    assert scheme() == "escape"
+    assert scheme("--backend-name-scheme", "safe") == "safe"  # the flag wins
+
+
+def test_an_unknown_scheme_is_a_usage_error_saying_what_to_use() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kbproxy", "serve", "--backend-name-scheme", "truncate"],
+        capture_output=True,
+        text=True,
+        env={"PATH": ""},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--backend-name-scheme" in result.stderr
+    assert "expected safe or escape" in result.stderr
 
 
 @pytest.fixture
