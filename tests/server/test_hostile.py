@@ -114,12 +114,12 @@ def proxy(
 
 
 def test_200_mib_before_any_headers(proxy: KbproxyServer, bystander_backend: StandinFleet) -> None:
-    rss, tally, _ = _under_attack(
+    rss, tally, sent = _under_attack(
         proxy,
         bystander_backend,
         lambda: flood_before_headers(proxy.address, 200 * MIB, ATTACK_SECONDS),
     )
-    _check(proxy, rss, tally, "200 MiB before HEADERS")
+    _check(proxy, rss, tally, f"200 MiB before HEADERS ({sent} bytes taken)")
 
 
 def test_continuation_flood(proxy: KbproxyServer, bystander_backend: StandinFleet) -> None:
@@ -138,8 +138,8 @@ def test_continuation_flood(proxy: KbproxyServer, bystander_backend: StandinFlee
             thread.join()
         return sum(sent)
 
-    rss, tally, _ = _under_attack(proxy, bystander_backend, attack)
-    _check(proxy, rss, tally, "CONTINUATION flood")
+    rss, tally, sent = _under_attack(proxy, bystander_backend, attack)
+    _check(proxy, rss, tally, f"CONTINUATION flood ({sent} bytes taken)")
 
 
 def test_1000_idle_connections(proxy: KbproxyServer, bystander_backend: StandinFleet) -> None:
