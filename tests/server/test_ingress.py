@@ -1,12 +1,12 @@
 """kbproxy behind an ingress that shares its upstream connections among users (nginx, Envoy).
 
-Four users call at once (PAUSE_S between each one's calls) for CALL_SECONDS through the
-ingress (TLS, HTTP/2), each with a client connection of its own; the ingress puts their calls
-on its own pooled connections to kbproxy, as ingress-nginx (keepalive 320) and an Envoy front
-(one multiplexed connection, no retries) do. Every attempt must succeed, no user may get fewer
-than half the calls of the busiest, and every answer must come from the caller's own server
-(alice and bob: the real Spark Connect servers; dave and erin: stand-ins answering with their
-own port).
+Four users call at once (PAUSE_S, then SLOW_PAUSE_S between each one's calls) for
+CALL_SECONDS through the ingress (TLS, HTTP/2), each with a client connection of its own; the
+ingress puts their calls on its own pooled connections to kbproxy, as ingress-nginx (keepalive
+320) and an Envoy front (one multiplexed connection, no retries) do. Every attempt must
+succeed, no user may get fewer than half the calls of the busiest, and every answer must come
+from the caller's own server (alice and bob: the real Spark Connect servers; dave and erin:
+stand-ins answering with their own port).
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ CALL_SECONDS = 20.0
 # load, the stand-ins in one; paced, every user can get its share, so a user below half the
 # calls of the busiest is starved by the data plane, not by a slower backend.
 PAUSE_S = 0.05
+# And at 2 calls/s per user: the ingress's pooled connections sit idle between calls and are
+# reused for whichever user calls next.
+SLOW_PAUSE_S = 0.5
 STANDIN_USERS = {"dave": "DAVETOKEN0123456789abcdefg", "erin": "ERINTOKEN0123456789abcdefg"}
 
 
@@ -92,12 +95,13 @@ def behind_ingress(
         proxy.stop()
 
 
+@pytest.mark.parametrize("pause", [PAUSE_S, SLOW_PAUSE_S], ids=["fast-pace", "2-per-s"])
 def test_four_users_at_once_behind_the_ingress(
-    behind_ingress: Ingress, four_users: tuple[list[LoadUser], dict[str, str]]
+    behind_ingress: Ingress, four_users: tuple[list[LoadUser], dict[str, str]], pause: float
 ) -> None:
     users, _ = four_users
     tallies = run_users(
-        users, lambda: behind_ingress.channel(own_connection=True), CALL_SECONDS, pause=PAUSE_S
+        users, lambda: behind_ingress.channel(own_connection=True), CALL_SECONDS, pause=pause
     )
     failures = {name: dict(t.failures) for name, t in tallies.items() if t.failures}
     calls = {name: t.ok for name, t in tallies.items()}
