@@ -37,8 +37,8 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.nginx import require_nginx
 from benchmarks.stats import median, percentile, ratio
+from testbed.ingress import require_nginx
 from testbed.procs import ChildProcess, PeakRss, free_port, port_open
 from testbed.s3 import (
     ACCESS_KEY,

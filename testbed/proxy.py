@@ -52,6 +52,7 @@ def start_kbproxy(
     backend_map: dict[str, str] | None = None,
     tls: tuple[Path, Path] | None = None,
     extra_args: Sequence[str] = (),
+    launcher: Sequence[str] = (),
 ) -> KbproxyServer:
     """Start `python -m kbproxy serve` on free loopback ports and wait until it serves.
 
@@ -62,10 +63,11 @@ def start_kbproxy(
         backend_map: {"username": "host:port"} written to a file for --backend-map.
         tls: (certificate chain, private key) PEM files to serve TLS.
         extra_args: more `kbproxy serve` flags (e.g. --connect-timeout 1).
+        launcher: a command that runs the rest of the command line (testbed.hosts).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port, stats_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "kbproxy", "serve", "--listen", f"127.0.0.1:{port}"]
+    argv = [*launcher, sys.executable, "-m", "kbproxy", "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--stats-listen", f"127.0.0.1:{stats_port}", "--auth-url", auth_url]
     argv += ["--auth-timeout", "2", "--connect-timeout", "2", "--drain-grace", "2"]
     if backend_template is None:

@@ -23,8 +23,9 @@ from kbproxy.errors import (
 )
 from kbproxy.pool import ChannelPool
 from kbproxy.relay import CallObserver, CallRecord, Relay
-from kbproxy.routing import Router, SessionRoute, SessionRoutes, sanitize_username
+from kbproxy.routing import Router, SessionRoute, SessionRoutes
 from kbproxy.server import ProxyServer, Settings, serve
+from kbproxy.slugs import backend_name
 from kbproxy.stats import Stats
 from kbproxy.wire import RequestIds, read_request_ids
 
@@ -54,7 +55,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "backend_name",
     "read_request_ids",
-    "sanitize_username",
     "serve",
 ]

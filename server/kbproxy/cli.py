@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kbproxy import __version__, devauth
 from kbproxy.errors import ConfigError, ListenError
@@ -36,6 +36,14 @@ from kbproxy.options import (
 )
 from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
 from kbproxy.server import Settings, serve
+from kbproxy.slugs import DEFAULT_NAME_SCHEME, NAME_SCHEMES, NameScheme
+
+
+def _parse_name_scheme(value: str) -> NameScheme:
+    if value not in NAME_SCHEMES:
+        raise argparse.ArgumentTypeError(f"expected safe or escape, got {value!r}")
+    return cast("NameScheme", value)
+
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
@@ -114,8 +122,16 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvA
         type=str,
         default=DEFAULT_TEMPLATE,
         metavar="TEMPLATE",
-        help="backend address of a user; {username} is the sanitized username "
-        "(lower case, [^a-z0-9.-] -> '-', at most 63 characters), {namespace} the namespace",
+        help="backend address of a user; {username} is the user's name as KubeSpawner names "
+        "the user's pod (see --backend-name-scheme), {namespace} the namespace",
+    )
+    e.add(
+        "--backend-name-scheme",
+        type=_parse_name_scheme,
+        default=DEFAULT_NAME_SCHEME,
+        metavar="safe|escape",
+        help="how {username} is made, as the hub's KubeSpawner slug_scheme: safe (KubeSpawner 7's "
+        "default) or escape (KubeSpawner < 7); distinct users always get distinct names",
     )
     e.add(
         "--namespace",
@@ -286,6 +302,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         listen=args.listen,
         auth_url=args.auth_url,
         backend_template=args.backend_template,
+        backend_name_scheme=args.backend_name_scheme,
         namespace=args.namespace,
         backend_map=backend_map,
         stats_listen=args.stats_listen,

@@ -2,10 +2,12 @@
 
 How it works::
 
-    validated username --sanitize--> DNS label --backend map? / template--> host:port
+    validated username --backend map?--> host:port
+                       --slug scheme (kbproxy.slugs)--> {username} of the template --> host:port
 
-``sanitize_username`` does what the hub does when it names a user's services (lower case,
-``[^a-z0-9.-]`` -> ``-``, at most 63 characters). A backend map (operator's JSON file
+``{username}`` is the name KubeSpawner gives the user's pod and service, made by the same slug
+scheme (``safe`` or ``escape``, as the hub's ``slug_scheme``): distinct users get distinct names,
+never a truncation that two long usernames share. A backend map (operator's JSON file
 ``{"username": "host:port"}``) pins users to addresses and is consulted before the template.
 Nothing the client sends other than its token influences the result.
 
@@ -17,9 +19,7 @@ later call of another user with the same id does not move it.
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 import string
 import time
 from collections import OrderedDict
@@ -28,17 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kbproxy.errors import ConfigError
+from kbproxy.slugs import DEFAULT_NAME_SCHEME, NAME_SCHEMES, NameScheme, backend_name
 
 DEFAULT_TEMPLATE = "spark-connect-{username}.{namespace}.svc.cluster.local:15002"
 TEMPLATE_FIELDS = frozenset({"username", "namespace"})
-DNS_LABEL_MAX = 63
-_UNSAFE = re.compile(r"[^a-z0-9.-]")
-
-
-@functools.lru_cache(maxsize=4096)
-def sanitize_username(username: str) -> str:
-    """The username as the hub names per-user services: a DNS label of at most 63 characters."""
-    return _UNSAFE.sub("-", username.lower())[:DNS_LABEL_MAX]
 
 
 def _check_address(address: str, where: str) -> str:
@@ -53,16 +46,23 @@ class Router:
     """Maps a validated username to its backend address.
 
     Args:
-        template: a format string with ``{username}`` (sanitized) and ``{namespace}``.
+        template: a format string with ``{username}`` (the user's slug) and ``{namespace}``.
         namespace: the value of ``{namespace}``.
-        backend_map: usernames (as validated, before sanitizing) pinned to ``host:port``.
+        backend_map: usernames (as validated, before the slug) pinned to ``host:port``.
+        name_scheme: the hub's ``slug_scheme`` that makes ``{username}``: safe or escape.
     """
 
     template: str = DEFAULT_TEMPLATE
     namespace: str = "default"
     backend_map: Mapping[str, str] | None = None
+    name_scheme: NameScheme = DEFAULT_NAME_SCHEME
 
     def __post_init__(self) -> None:
+        if self.name_scheme not in NAME_SCHEMES:
+            raise ConfigError(
+                f"backend name scheme {self.name_scheme!r}: use {' or '.join(NAME_SCHEMES)}, "
+                "as the hub's KubeSpawner slug_scheme"
+            )
         try:
             names = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
         except ValueError as exc:
@@ -85,7 +85,8 @@ class Router:
         """The backend ``host:port`` of a validated username."""
         if self.backend_map and (pinned := self.backend_map.get(username)) is not None:
             return pinned
-        return self.template.format(username=sanitize_username(username), namespace=self.namespace)
+        name = backend_name(username, self.name_scheme)
+        return self.template.format(username=name, namespace=self.namespace)
 
 
 def load_backend_map(path: Path) -> dict[str, str]:

@@ -38,6 +38,7 @@ from kbproxy.options import DATA_PATHS, MIB
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
 from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
+from kbproxy.slugs import DEFAULT_NAME_SCHEME, NameScheme
 from kbproxy.stats import Stats, stats_app
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Settings:
     listen: tuple[str, int] = ("0.0.0.0", 15002)
     auth_url: str = "https://kbase.us/services/auth/"
     backend_template: str = DEFAULT_TEMPLATE
+    backend_name_scheme: NameScheme = DEFAULT_NAME_SCHEME
     namespace: str = "default"
     backend_map: Mapping[str, str] | None = None
     stats_listen: tuple[str, int] | None = ("0.0.0.0", 9090)
@@ -80,7 +82,10 @@ class ProxyServer:
         if (s.tls_cert is None) != (s.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         self.router = Router(
-            template=s.backend_template, namespace=s.namespace, backend_map=s.backend_map
+            template=s.backend_template,
+            namespace=s.namespace,
+            backend_map=s.backend_map,
+            name_scheme=s.backend_name_scheme,
         )
         self.auth_client = Auth2Client(auth_url=s.auth_url, timeout=s.auth_timeout)
         self.authenticator = Authenticator(

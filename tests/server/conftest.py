@@ -18,6 +18,16 @@ from testbed.spark import SparkConnectServer
 SERVICE = "/spark.connect.SparkConnectService/"
 UNREACHABLE = "127.0.0.1:1"  # users not in the backend map: nothing listens there
 
+# The data planes the harnesses (ingress, many users, hostile, long names) run kbproxy with:
+# name -> extra `kbproxy serve` args. The one place to switch them to another data plane.
+DATA_PLANES: dict[str, list[str]] = {"grpc": ["--data-path", "grpc"]}
+
+
+@pytest.fixture(params=sorted(DATA_PLANES))
+def kbproxy_data_plane(request: pytest.FixtureRequest) -> list[str]:
+    """The extra `kbproxy serve` args of the data plane under test (one run per DATA_PLANES)."""
+    return list(DATA_PLANES[request.param])
+
 
 @pytest.fixture(scope="session")
 def kbproxy(
