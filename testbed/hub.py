@@ -33,7 +33,7 @@ import httpx
 
 from testbed.procs import ChildProcess, free_ports, port_open
 
-USERS = ("alice", "bob", "carol", "dave")
+USERS = ("alice", "bob", "carol", "dave", "erin")
 KBPROXY_TOKEN = "kbproxy-service-token-0123456789abcdef"  # noqa: S105 (test hub only)
 LIMITED_TOKEN = "kbproxy-limited-token-0123456789abcdef"  # noqa: S105 (test hub only)
 KBPROXY_SCOPES = ("servers", "users:activity", "read:users", "access:servers")
@@ -57,6 +57,7 @@ class Hub:
     workdir: Path
     hub_port: int
     public_port: int
+    spark_ports: dict[str, int]
     child: ChildProcess
 
     @property
@@ -125,7 +126,7 @@ def _config(
 ) -> str:
     chp = _require("configurable-http-proxy", "configurable-http-proxy")
     culler = [sys.executable, "-m", "jupyterhub_idle_culler"]
-    culler += [f"--timeout={cull_timeout}", f"--cull-every={cull_every}", "--cull-admin-users"]
+    culler += [f"--timeout={cull_timeout}", f"--cull-every={cull_every}"]
     state = workdir / "state"
     return f"""# written by testbed/hub.py
 c = get_config()  # noqa: F821
@@ -210,7 +211,13 @@ def start_hub(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     argv = [_require("jupyterhub", "jupyterhub"), "-f", str(config)]
     child = ChildProcess(argv, log_path=workdir / "jupyterhub.log", env=env, cwd=workdir)
-    hub = Hub(workdir=workdir, hub_port=hub_port, public_port=public_port, child=child)
+    hub = Hub(
+        workdir=workdir,
+        hub_port=hub_port,
+        public_port=public_port,
+        spark_ports=dict(spark_ports),
+        child=child,
+    )
 
     def ready() -> bool:
         if not port_open("127.0.0.1", hub_port):

@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import enum
+import json
 import logging
 import math
 import time
@@ -237,16 +238,26 @@ class HubClient:
             return ServerStatus(
                 exists=True, ready=bool(server.get("ready")), pending=server.get("pending")
             )
-        progress = await self._send(
-            "GET progress", "GET", self._api(user, "/server/progress"), timeout=self.timeout
-        )
-        failure = None
-        if progress.status_code == 200:
-            for line in progress.text.splitlines():
-                event = _event(line)
-                if event.get("failed"):
-                    failure = str(event.get("message") or "the spawn failed")
-        return ServerStatus(exists=False, failure=failure)
+        return ServerStatus(exists=False, failure=await self._spawn_failure_message(user))
+
+    async def _spawn_failure_message(self, user: str) -> str | None:
+        """The hub's message of the user's last failed spawn (the progress stream's first event).
+
+        Only the first event is read: for a spawn that began meanwhile the stream would last as
+        long as the spawn.
+        """
+        self.requests["GET progress"] = self.requests.get("GET progress", 0) + 1
+        try:
+            async with self._client.stream("GET", self._api(user, "/server/progress")) as response:
+                if response.status_code != 200:
+                    return None
+                async for line in response.aiter_lines():
+                    event = _event(line)
+                    if event:
+                        return str(event.get("message") or "") if event.get("failed") else None
+        except httpx.HTTPError:
+            return None
+        return None
 
     async def post_activity(self, user: str, last_activity: float) -> bool:
         """Tell the hub the user's server was used at ``last_activity`` (epoch seconds).
@@ -284,8 +295,6 @@ def _message(response: httpx.Response) -> str:
 
 
 def _event(line: str) -> dict[str, object]:
-    import json
-
     if not line.startswith("data:"):
         return {}
     try:
@@ -343,6 +352,7 @@ class SpawnTracker:
         error_hold_s: a hub error is given to calls this long before asking again.
         ready_grace_s: a server the hub calls ready but whose Spark Connect refuses
             connections is "starting" this long, then "unavailable".
+        max_users: users tracked at most; beyond it the oldest idle entries are dropped.
     """
 
     def __init__(
@@ -354,6 +364,7 @@ class SpawnTracker:
         failed_hold_s: float = 30.0,
         error_hold_s: float = 5.0,
         ready_grace_s: float = 120.0,
+        max_users: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.typical_start_s = typical_start_s
@@ -362,6 +373,7 @@ class SpawnTracker:
         self.failed_hold_s = failed_hold_s
         self.error_hold_s = error_hold_s
         self.ready_grace_s = ready_grace_s
+        self.max_users = max_users
         self._clock = clock
         self._users: dict[str, _Entry] = {}
 
@@ -378,6 +390,11 @@ class SpawnTracker:
 
     def refused(self, user: str) -> Ask:
         """The user's backend refused a connection: which request to make now (marks it busy)."""
+        if user not in self._users and len(self._users) >= self.max_users:
+            for name in [name for name, e in self._users.items() if not e.busy][
+                : 1 + len(self) // 10
+            ]:
+                del self._users[name]
         entry = self._users.setdefault(user, _Entry(since=self._clock()))
         now = self._clock()
         if entry.busy or now - entry.error_at < self.error_hold_s:
@@ -501,7 +518,7 @@ class HubStarter:
         start_kernel: bool = False,
     ) -> None:
         self.hub = hub
-        self.tracker = tracker or SpawnTracker()
+        self.tracker = tracker if tracker is not None else SpawnTracker()
         self.answer_wait_s = answer_wait_s
         self.start_kernel = start_kernel
         self._tasks: dict[str, asyncio.Task[None]] = {}

@@ -8,6 +8,9 @@ real Spark Connect servers, with the hub's idle culler running.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 
 import grpc
 import pytest
@@ -18,6 +21,7 @@ from kbproxy.hub import (
     BACKEND_UNAVAILABLE,
     HUB_FORBIDDEN,
     HUB_UNAVAILABLE,
+    HUB_USER_UNKNOWN,
     ActivityLedger,
     ActivityReporter,
     Ask,
@@ -36,7 +40,8 @@ from kbproxy.hub import (
     status_details_header,
 )
 
-from testbed.procs import free_port
+from testbed.hub import KBPROXY_TOKEN, LIMITED_TOKEN, Hub, start_hub
+from testbed.procs import free_port, free_ports, port_open
 
 
 class Clock:
@@ -189,6 +194,15 @@ def test_users_are_independent() -> None:
     assert t.phase("bob") is Phase.REQUESTED
 
 
+def test_tracked_users_are_bounded() -> None:
+    t = SpawnTracker(max_users=100, clock=Clock())
+    for number in range(1000):
+        assert t.refused(f"user{number}") is Ask.START
+        t.failed(f"user{number}", HubUnavailable("down"))
+    assert len(t) <= 100
+    assert t.phase("user999") is Phase.UNKNOWN and t.decision("user999").reason == HUB_UNAVAILABLE
+
+
 def test_retry_info_detail() -> None:
     refusal = Refusal(grpc.StatusCode.UNAVAILABLE, BACKEND_STARTING, "[kbproxy:X] wait", 2.5)
     status = status_pb2.Status.FromString(status_details_bin(refusal))
@@ -325,4 +339,208 @@ async def test_client_repr_and_errors_never_show_the_token() -> None:
         await client.start_server("alice")
     assert "SECRET" not in str(raised.value)
     assert str(raised.value).startswith("JupyterHub at http://127.0.0.1:")
+    await client.aclose()
+
+
+# --- a real JupyterHub ------------------------------------------------------------------------
+
+CULL_TIMEOUT = 25
+CULL_EVERY = 5
+SPAWN_TIMEOUT = 240  # a Spark Connect server takes 5-40 s to start on a busy machine
+FAILURE = "no node has 64 GiB of memory free"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
+    """A hub whose alice, bob and dave get real Spark Connect servers; carol's spawn fails."""
+    ports = free_ports(3)
+    hub = start_hub(
+        tmp_path_factory.mktemp("hub"),
+        spark_ports={"alice": ports[0], "bob": ports[1], "dave": ports[2]},
+        fail_users={"carol": FAILURE},
+        cull_timeout=CULL_TIMEOUT,
+        cull_every=CULL_EVERY,
+    )
+    try:
+        yield hub
+    finally:
+        hub.stop()
+
+
+def client_for(hub: Hub, token: str = KBPROXY_TOKEN) -> HubClient:
+    return HubClient(hub_url=hub.url, token=token, public_url=hub.public_url)
+
+
+def fast_tracker() -> SpawnTracker:
+    return SpawnTracker(typical_start_s=30, retry_delay_s=1, status_interval_s=0.5)
+
+
+async def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
+    """Seconds until ``check()`` held; fails naming ``what`` after ``timeout``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not after {timeout:.0f} s")
+        await asyncio.sleep(0.5)
+    return time.monotonic() - start
+
+
+async def test_hub_down_is_unavailable_not_unauthenticated() -> None:
+    client = HubClient(hub_url=f"http://127.0.0.1:{free_port()}", token=KBPROXY_TOKEN)
+    starter = HubStarter(hub=client, tracker=fast_tracker())
+    decision = await starter.ensure_started("alice")
+    assert decision.code is grpc.StatusCode.UNAVAILABLE
+    assert decision.reason == HUB_UNAVAILABLE
+    assert decision.message.startswith("[kbproxy:HUB_UNAVAILABLE] JupyterHub at http://127.0.0.1:")
+    assert "unreachable" in decision.message
+    await starter.aclose()
+    await client.aclose()
+
+
+@pytest.mark.slow
+async def test_failing_spawn_gives_the_hubs_message(hub: Hub) -> None:
+    client = client_for(hub)
+    starter = HubStarter(hub=client, tracker=fast_tracker())
+    decisions = await asyncio.gather(*(starter.ensure_started("carol") for _ in range(10)))
+    assert {d.reason for d in decisions} <= {BACKEND_STARTING, BACKEND_SPAWN_FAILED}
+
+    async def failed() -> Refusal:
+        while True:
+            decision = await starter.ensure_started("carol")
+            if decision.reason != BACKEND_STARTING:
+                return decision
+            await asyncio.sleep(0.3)
+
+    decision = await asyncio.wait_for(failed(), 60)
+    assert decision.reason == BACKEND_SPAWN_FAILED, decision.message
+    assert decision.code is grpc.StatusCode.UNAVAILABLE
+    assert FAILURE in decision.message
+    assert client.requests["POST server"] == 1
+    assert hub.spawns("carol") == 1
+    await starter.aclose()
+    await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", [LIMITED_TOKEN, "not-a-token-the-hub-knows"])
+async def test_a_token_the_hub_refuses_is_forbidden(hub: Hub, token: str) -> None:
+    client = client_for(hub, token)
+    starter = HubStarter(hub=client, tracker=fast_tracker())
+    decision = await starter.ensure_started("bob")
+    assert decision.reason == HUB_FORBIDDEN, decision.message
+    assert decision.code is grpc.StatusCode.INTERNAL
+    assert "servers, users:activity, read:users, access:servers" in decision.message
+    assert token not in decision.message
+    assert hub.spawns("bob") == 0 and hub.server("bob") is None
+    await starter.aclose()
+    await client.aclose()
+
+
+@pytest.mark.slow
+async def test_a_user_the_hub_does_not_know(hub: Hub) -> None:
+    client = client_for(hub)
+    starter = HubStarter(hub=client, tracker=fast_tracker())
+    decision = await starter.ensure_started("zed")
+    assert decision.reason == HUB_USER_UNKNOWN, decision.message
+    assert decision.code is grpc.StatusCode.PERMISSION_DENIED
+    assert f"log in once at {hub.public_url}/hub/" in decision.message
+    await starter.aclose()
+    await client.aclose()
+
+
+@pytest.mark.slow
+async def test_activity_of_a_user_without_a_running_server_starts_nothing(hub: Hub) -> None:
+    client = client_for(hub)
+    stamp = time.time()
+    await client.post_activity("erin", stamp)
+    model = hub.api("GET", "/users/erin").json()
+    assert model["last_activity"].startswith(
+        datetime.fromtimestamp(stamp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    )
+    assert hub.server("erin") is None and hub.spawns("erin") == 0
+    await client.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SPAWN_TIMEOUT + 120)
+async def test_concurrent_calls_start_one_server_and_the_query_runs(hub: Hub) -> None:
+    client = client_for(hub)
+    starter = HubStarter(hub=client, tracker=fast_tracker(), start_kernel=True)
+    port = hub.spark_ports["alice"]
+    assert not port_open("127.0.0.1", port)
+    decisions = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(20)))
+    assert {d.reason for d in decisions} == {BACKEND_STARTING}
+    assert {(d.code, d.retry_delay) for d in decisions} == {(grpc.StatusCode.UNAVAILABLE, 1)}
+    assert client.requests["POST server"] == 1
+
+    async def retry_until_reachable() -> None:  # what pyspark does with UNAVAILABLE
+        while not (port_open("127.0.0.1", port) and hub.kernels("alice") == 1):
+            waiting = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(5)))
+            assert {d.reason for d in waiting} == {BACKEND_STARTING}, waiting[0].message
+            await asyncio.sleep(0.5)
+
+    await asyncio.wait_for(retry_until_reachable(), SPAWN_TIMEOUT)
+    starter.connected("alice")
+    assert client.requests["POST server"] == 1
+    assert hub.spawns("alice") == 1
+    assert hub.kernels("alice") == 1  # started through the hub's proxy with access:servers
+    assert hub.spawns("bob") == 0 and hub.server("bob") is None
+
+    from tests.server.conftest import spark_session
+
+    def query() -> int:
+        with spark_session(f"sc://127.0.0.1:{port}") as spark:
+            return int(spark.range(0, 10, 1, 2).count())
+
+    assert await asyncio.to_thread(query) == 10
+    await starter.aclose()
+    await client.aclose()
+    hub.stop_server("alice")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * SPAWN_TIMEOUT + 4 * CULL_TIMEOUT)
+async def test_activity_keeps_a_server_alive_and_only_that_users(hub: Hub) -> None:
+    """dave calls, bob does not: bob is culled, dave is not; after dave stops, dave is culled."""
+    client = client_for(hub)
+    for user in ("bob", "dave"):
+        assert (await client.start_server(user)) in (StartAnswer.PENDING, StartAnswer.STARTED)
+    for user in ("bob", "dave"):
+
+        def ready(user: str = user) -> bool:
+            server = hub.server(user)
+            return bool(server and server["ready"])
+
+        await wait_for(f"{user}'s server ready", ready, SPAWN_TIMEOUT)
+    interval = 2.0
+    reporter = ActivityReporter(hub=client, interval_s=interval)
+    loop = asyncio.create_task(reporter.run())
+    calls_from = time.monotonic()
+
+    async def calls() -> None:  # what kbproxy does for each call of dave's
+        while True:
+            reporter.record("dave")
+            await asyncio.sleep(0.2)
+
+    calling = asyncio.create_task(calls())
+    try:
+        await wait_for("bob culled", lambda: hub.server("bob") is None, 3 * CULL_TIMEOUT)
+        await wait_for(
+            "calls for longer than the cull timeout",
+            lambda: time.monotonic() - calls_from > CULL_TIMEOUT + 2 * CULL_EVERY,
+            4 * CULL_TIMEOUT,
+        )
+        assert hub.server("dave") is not None, "dave's server was culled while in use"
+    finally:
+        calling.cancel()
+    elapsed = time.monotonic() - calls_from
+    assert 1 <= reporter.posts <= elapsed / interval + 2  # at most one post per interval
+    assert hub.spawns("bob") == 1 and hub.spawns("dave") == 1
+    await wait_for(
+        "dave culled after the calls stop",
+        lambda: hub.server("dave") is None,
+        CULL_TIMEOUT + 3 * CULL_EVERY + 15,
+    )
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
     await client.aclose()
