@@ -3,7 +3,9 @@
 How it works: ``python -m testbed.hubserver --name alice --http-port P --spark-port S --workdir W``
 starts a real Spark Connect server on ``S`` (testbed.spark), and only then an HTTP server on
 ``127.0.0.1:P``, the port the hub waits on, so "ready" at the hub means Spark Connect accepts
-calls. Its answers, under the prefix ``/user/<name>/``:
+calls. It posts its activity to the hub once when it starts (as jupyterhub-singleuser does),
+never again: only what kbproxy posts keeps it alive after that. Its answers, under the
+prefix ``/user/<name>/``:
 
     GET  anything        200 {"spark_port": S}      (the hub's readiness check, any caller)
     POST api/kernels     201 {"id": ..., "name": "python3"} when the caller's token may access
@@ -23,6 +25,7 @@ import sys
 import threading
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,24 @@ def _token_may_access(token: str, name: str) -> bool:
     return bool(
         scopes & {"access:servers", f"access:servers!user={name}", f"access:servers!server={name}/"}
     )
+
+
+def post_start_activity() -> None:
+    """Tell the hub the server was used now, once, as jupyterhub-singleuser does when it starts."""
+    url = os.environ.get("JUPYTERHUB_ACTIVITY_URL", "")
+    token = os.environ.get("JUPYTERHUB_API_TOKEN", "")
+    if not url or not token:
+        return
+    now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    body = json.dumps({"last_activity": now, "servers": {"": {"last_activity": now}}}).encode()
+    request = urllib.request.Request(  # noqa: S310 (the hub's loopback URL from its own env)
+        url,
+        data=body,
+        method="POST",
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10):  # noqa: S310
+        pass
 
 
 def make_handler(name: str, spark_port: int, workdir: Path) -> type[BaseHTTPRequestHandler]:
@@ -100,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     server = ThreadingHTTPServer(
         ("127.0.0.1", args.http_port), make_handler(args.name, args.spark_port, args.workdir)
     )
+    threading.Thread(target=post_start_activity, daemon=True).start()
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

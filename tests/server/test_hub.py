@@ -1,4 +1,4 @@
-"""Starting users' servers through JupyterHub and keeping them alive (kbproxy.hub).
+"""Starting users' servers through JupyterHub and keeping them alive (kbproxy.hub*).
 
 The state machine, the ledger and the RetryInfo detail are tested without sockets; the client,
 the starter and the reporter against a real JupyterHub (testbed.hub) whose users' servers are
@@ -8,8 +8,9 @@ real Spark Connect servers, with the hub's idle culler running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 
 import grpc
@@ -22,25 +23,22 @@ from kbproxy.hub import (
     HUB_FORBIDDEN,
     HUB_UNAVAILABLE,
     HUB_USER_UNKNOWN,
-    ActivityLedger,
-    ActivityReporter,
-    Ask,
+    SERVICE_SCOPES,
     HubClient,
     HubForbidden,
-    HubStarter,
     HubUnavailable,
-    Phase,
     Refusal,
     ServerStatus,
     SpawnFailed,
-    SpawnTracker,
     StartAnswer,
     retry_status,
     status_details_bin,
     status_details_header,
 )
+from kbproxy.hubactivity import ActivityLedger, ActivityReporter
+from kbproxy.hubstart import Ask, HubStarter, Phase, SpawnTracker
 
-from testbed.hub import KBPROXY_TOKEN, LIMITED_TOKEN, Hub, start_hub
+from testbed.hub import KBPROXY_SCOPES, KBPROXY_TOKEN, LIMITED_TOKEN, Hub, scopes_of, start_hub
 from testbed.procs import free_port, free_ports, port_open
 
 
@@ -375,6 +373,17 @@ def fast_tracker() -> SpawnTracker:
     return SpawnTracker(typical_start_s=30, retry_delay_s=1, status_interval_s=0.5)
 
 
+@contextlib.asynccontextmanager
+async def starter_on(client: HubClient, **kw: bool) -> AsyncIterator[HubStarter]:
+    """A starter with a fast tracker on ``client``; both closed afterwards."""
+    starter = HubStarter(hub=client, tracker=fast_tracker(), **kw)
+    try:
+        yield starter
+    finally:
+        await starter.aclose()
+        await client.aclose()
+
+
 async def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
     """Seconds until ``check()`` held; fails naming ``what`` after ``timeout``."""
     start = time.monotonic()
@@ -387,14 +396,28 @@ async def wait_for(what: str, check: Callable[[], bool], timeout: float) -> floa
 
 async def test_hub_down_is_unavailable_not_unauthenticated() -> None:
     client = HubClient(hub_url=f"http://127.0.0.1:{free_port()}", token=KBPROXY_TOKEN)
-    starter = HubStarter(hub=client, tracker=fast_tracker())
-    decision = await starter.ensure_started("alice")
+    async with starter_on(client) as starter:
+        decision = await starter.ensure_started("alice")
     assert decision.code is grpc.StatusCode.UNAVAILABLE
     assert decision.reason == HUB_UNAVAILABLE
     assert decision.message.startswith("[kbproxy:HUB_UNAVAILABLE] JupyterHub at http://127.0.0.1:")
     assert "unreachable" in decision.message
-    await starter.aclose()
-    await client.aclose()
+
+
+@pytest.mark.slow
+def test_the_service_token_has_exactly_the_documented_scopes(hub: Hub) -> None:
+    assert KBPROXY_SCOPES == SERVICE_SCOPES
+    granted = set(scopes_of(hub, KBPROXY_TOKEN))
+    assert set(SERVICE_SCOPES) <= granted
+    # what the hub expands them to, and nothing more (no admin:*, no proxy, no tokens)
+    assert granted - set(SERVICE_SCOPES) == {
+        "read:servers",
+        "start:servers",
+        "delete:servers",
+        "read:users:activity",
+        "read:users:groups",
+        "read:users:name",
+    }
 
 
 @pytest.mark.slow
@@ -424,28 +447,22 @@ async def test_failing_spawn_gives_the_hubs_message(hub: Hub) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("token", [LIMITED_TOKEN, "not-a-token-the-hub-knows"])
 async def test_a_token_the_hub_refuses_is_forbidden(hub: Hub, token: str) -> None:
-    client = client_for(hub, token)
-    starter = HubStarter(hub=client, tracker=fast_tracker())
-    decision = await starter.ensure_started("bob")
+    async with starter_on(client_for(hub, token)) as starter:
+        decision = await starter.ensure_started("bob")
     assert decision.reason == HUB_FORBIDDEN, decision.message
     assert decision.code is grpc.StatusCode.INTERNAL
     assert "servers, users:activity, read:users, access:servers" in decision.message
     assert token not in decision.message
     assert hub.spawns("bob") == 0 and hub.server("bob") is None
-    await starter.aclose()
-    await client.aclose()
 
 
 @pytest.mark.slow
 async def test_a_user_the_hub_does_not_know(hub: Hub) -> None:
-    client = client_for(hub)
-    starter = HubStarter(hub=client, tracker=fast_tracker())
-    decision = await starter.ensure_started("zed")
+    async with starter_on(client_for(hub)) as starter:
+        decision = await starter.ensure_started("zed")
     assert decision.reason == HUB_USER_UNKNOWN, decision.message
     assert decision.code is grpc.StatusCode.PERMISSION_DENIED
     assert f"log in once at {hub.public_url}/hub/" in decision.message
-    await starter.aclose()
-    await client.aclose()
 
 
 @pytest.mark.slow
@@ -464,37 +481,51 @@ async def test_activity_of_a_user_without_a_running_server_starts_nothing(hub: H
 @pytest.mark.slow
 @pytest.mark.timeout(SPAWN_TIMEOUT + 120)
 async def test_concurrent_calls_start_one_server_and_the_query_runs(hub: Hub) -> None:
-    client = client_for(hub)
-    starter = HubStarter(hub=client, tracker=fast_tracker(), start_kernel=True)
     port = hub.spark_ports["alice"]
     assert not port_open("127.0.0.1", port)
-    decisions = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(20)))
-    assert {d.reason for d in decisions} == {BACKEND_STARTING}
-    assert {(d.code, d.retry_delay) for d in decisions} == {(grpc.StatusCode.UNAVAILABLE, 1)}
-    assert client.requests["POST server"] == 1
+    async with starter_on(client_for(hub), start_kernel=True) as starter:
+        client = starter.hub
+        assert isinstance(client, HubClient)
+        decisions = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(20)))
+        assert {d.reason for d in decisions} == {BACKEND_STARTING}
+        assert {(d.code, d.retry_delay) for d in decisions} == {(grpc.StatusCode.UNAVAILABLE, 1)}
+        assert client.requests["POST server"] == 1
 
-    async def retry_until_reachable() -> None:  # what pyspark does with UNAVAILABLE
-        while not (port_open("127.0.0.1", port) and hub.kernels("alice") == 1):
-            waiting = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(5)))
-            assert {d.reason for d in waiting} == {BACKEND_STARTING}, waiting[0].message
-            await asyncio.sleep(0.5)
+        async def retry_until_reachable() -> None:  # what pyspark does with UNAVAILABLE
+            while not (port_open("127.0.0.1", port) and hub.kernels("alice") == 1):
+                waiting = await asyncio.gather(*(starter.ensure_started("alice") for _ in range(5)))
+                assert {d.reason for d in waiting} == {BACKEND_STARTING}, waiting[0].message
+                await asyncio.sleep(0.5)
 
-    await asyncio.wait_for(retry_until_reachable(), SPAWN_TIMEOUT)
-    starter.connected("alice")
-    assert client.requests["POST server"] == 1
-    assert hub.spawns("alice") == 1
-    assert hub.kernels("alice") == 1  # started through the hub's proxy with access:servers
-    assert hub.spawns("bob") == 0 and hub.server("bob") is None
+        await asyncio.wait_for(retry_until_reachable(), SPAWN_TIMEOUT)
+        starter.connected("alice")
+        assert client.requests["POST server"] == 1
+        assert hub.spawns("alice") == 1
+        assert hub.kernels("alice") == 1  # started through the hub's proxy with access:servers
+        assert hub.spawns("bob") == 0 and hub.server("bob") is None
 
-    from tests.server.conftest import spark_session
+        from tests.server.conftest import spark_session
 
-    def query() -> int:
-        with spark_session(f"sc://127.0.0.1:{port}") as spark:
-            return int(spark.range(0, 10, 1, 2).count())
+        def query() -> int:
+            with spark_session(f"sc://127.0.0.1:{port}") as spark:
+                return int(spark.range(0, 10, 1, 2).count())
 
-    assert await asyncio.to_thread(query) == 10
-    await starter.aclose()
-    await client.aclose()
+        # kbproxy records each call that reaches the server, so the culler leaves it alone
+        reporter = ActivityReporter(hub=client, interval_s=2)
+        loop = asyncio.create_task(reporter.run())
+
+        async def calls() -> None:
+            while True:
+                reporter.record("alice")
+                await asyncio.sleep(0.5)
+
+        calling = asyncio.create_task(calls())
+        try:
+            assert await asyncio.to_thread(query) == 10
+        finally:
+            calling.cancel()
+            loop.cancel()
+            await asyncio.gather(calling, loop, return_exceptions=True)
     hub.stop_server("alice")
 
 
@@ -503,6 +534,13 @@ async def test_concurrent_calls_start_one_server_and_the_query_runs(hub: Hub) ->
 async def test_activity_keeps_a_server_alive_and_only_that_users(hub: Hub) -> None:
     """dave calls, bob does not: bob is culled, dave is not; after dave stops, dave is culled."""
     client = client_for(hub)
+    try:
+        await culling_scenario(hub, client)
+    finally:
+        await client.aclose()
+
+
+async def culling_scenario(hub: Hub, client: HubClient) -> None:
     for user in ("bob", "dave"):
         assert (await client.start_server(user)) in (StartAnswer.PENDING, StartAnswer.STARTED)
     for user in ("bob", "dave"):
@@ -531,16 +569,16 @@ async def test_activity_keeps_a_server_alive_and_only_that_users(hub: Hub) -> No
             4 * CULL_TIMEOUT,
         )
         assert hub.server("dave") is not None, "dave's server was culled while in use"
+        calling.cancel()
+        elapsed = time.monotonic() - calls_from
+        assert 1 <= reporter.posts <= elapsed / interval + 2  # at most one post per interval
+        assert hub.spawns("bob") == 1 and hub.spawns("dave") == 1
+        await wait_for(
+            "dave culled after the calls stop",
+            lambda: hub.server("dave") is None,
+            CULL_TIMEOUT + 3 * CULL_EVERY + 15,
+        )
     finally:
         calling.cancel()
-    elapsed = time.monotonic() - calls_from
-    assert 1 <= reporter.posts <= elapsed / interval + 2  # at most one post per interval
-    assert hub.spawns("bob") == 1 and hub.spawns("dave") == 1
-    await wait_for(
-        "dave culled after the calls stop",
-        lambda: hub.server("dave") is None,
-        CULL_TIMEOUT + 3 * CULL_EVERY + 15,
-    )
-    loop.cancel()
-    await asyncio.gather(loop, return_exceptions=True)
-    await client.aclose()
+        loop.cancel()
+        await asyncio.gather(calling, loop, return_exceptions=True)
