@@ -183,6 +183,12 @@ class SpawnTracker:
             self._move(entry, Phase.UNKNOWN)  # the start was not accepted: ask again later
         entry.error, entry.error_at = error, self._clock()
 
+    def kernel_failed(self, user: str, error: HubError) -> None:
+        """The kernel start in a ready server failed: held, and tried again when next ready."""
+        entry = self._done(user)
+        self._move(entry, Phase.PENDING)
+        entry.error, entry.error_at = error, self._clock()
+
     def connected(self, user: str) -> None:
         """The user's backend accepted a connection: nothing to track any more."""
         self._users.pop(user, None)
@@ -288,7 +294,12 @@ class HubStarter:
                 if status.failure and self.tracker.phase(user) is Phase.FAILED:
                     log.warning("hub: user %s's server failed to start: %s", user, status.failure)
             if ready and self.start_kernel:
-                kernel = await self.hub.start_kernel(user)
+                try:
+                    kernel = await self.hub.start_kernel(user)
+                except HubError as exc:
+                    log.warning("hub: no kernel started in user %s's server: %s", user, exc)
+                    self.tracker.kernel_failed(user, exc)
+                    return
                 log.info("hub: started kernel %s in user %s's server", kernel, user)
         except HubError as exc:
             log.warning("hub: %s", exc)

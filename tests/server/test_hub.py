@@ -310,6 +310,27 @@ async def test_starter_single_flight_with_a_slow_hub() -> None:
     await starter.aclose()
 
 
+async def test_a_failed_kernel_start_is_held_then_tried_again() -> None:
+    class NoKernel(FakeHub):
+        async def start_kernel(self, user: str) -> str:
+            self.calls.append(("kernel", user))
+            raise HubForbidden("JupyterHub refused kbproxy's service token for POST ...")
+
+    hub = NoKernel()
+    clock = Clock()
+    t = tracker(clock, interval=0, error_hold=5)
+    starter = HubStarter(hub=hub, tracker=t, start_kernel=True)
+    await starter.ensure_started("alice")  # start: PENDING
+    decision = await starter.ensure_started("alice")  # status: ready, the kernel fails
+    assert decision.reason == HUB_FORBIDDEN
+    assert t.phase("alice") is Phase.PENDING
+    clock.now += 5
+    await starter.ensure_started("alice")
+    kernel_try = [("status", "alice"), ("kernel", "alice")]
+    assert hub.calls == [("start", "alice"), *kernel_try, *kernel_try]
+    await starter.aclose()
+
+
 async def test_reporter_batches_calls() -> None:
     hub = FakeHub()
     clock = Clock(1_800_000_000.0)
