@@ -207,8 +207,9 @@ class HubClient:
         if response.status_code == 400:
             running = "already running" in _message(response)
             return StartAnswer.RUNNING if running else StartAnswer.PENDING
-        if response.status_code == 500:
-            raise SpawnFailed(spawn_failure_message(user, _message(response).lstrip(": ")))
+        if response.status_code == 500:  # the spawn failed while the hub waited for it
+            hub_says = await self._spawn_failure_message(user) or _message(response).lstrip(": ")
+            raise SpawnFailed(spawn_failure_message(user, hub_says))
         raise self._fail(response, user)
 
     async def server_status(self, user: str) -> ServerStatus:

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 import pytest
@@ -463,6 +464,27 @@ async def test_failing_spawn_gives_the_hubs_message(hub: Hub) -> None:
     assert hub.spawns("carol") == 1
     await starter.aclose()
     await client.aclose()
+
+
+@pytest.mark.slow
+async def test_a_spawn_failing_while_the_hub_waits_for_it(tmp_path: Path) -> None:
+    """The hub's default: its start request waits up to 10 s, so a quick failure is HTTP 500."""
+    hub = start_hub(
+        tmp_path / "hub", spark_ports={}, fail_users={"carol": FAILURE}, slow_spawn_timeout=10
+    )
+    try:
+        async with starter_on(client_for(hub)) as starter:
+            first = await starter.ensure_started("carol")
+            while first.reason == BACKEND_STARTING:
+                await asyncio.sleep(0.3)
+                first = await starter.ensure_started("carol")
+            assert first.reason == BACKEND_SPAWN_FAILED, first.message
+            assert FAILURE in first.message
+            assert "JupyterHub could not start user carol's server" in first.message
+            assert isinstance(starter.hub, HubClient)
+            assert starter.hub.requests == {"POST server": 1, "GET progress": 1}
+    finally:
+        hub.stop()
 
 
 @pytest.mark.slow
