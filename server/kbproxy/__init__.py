@@ -21,14 +21,16 @@ from kbproxy.errors import (
     Unauthenticated,
     Unavailable,
 )
+from kbproxy.policy import Allow, Deny, credentials, decide
 from kbproxy.pool import ChannelPool
+from kbproxy.reasons import Reason
 from kbproxy.relay import CallObserver, CallRecord, Relay
-from kbproxy.routing import Router, SessionRoute, SessionRoutes, sanitize_username
+from kbproxy.routing import Router, sanitize_username
 from kbproxy.server import ProxyServer, Settings, serve
 from kbproxy.stats import Stats
-from kbproxy.wire import RequestIds, read_request_ids
 
 __all__ = [
+    "Allow",
     "Auth2Client",
     "AuthUnavailable",
     "Authenticator",
@@ -37,24 +39,24 @@ __all__ = [
     "CallRecord",
     "ChannelPool",
     "ConfigError",
+    "Deny",
     "Identity",
     "ListenError",
     "MfaPolicy",
     "PermissionDenied",
     "ProxyError",
     "ProxyServer",
+    "Reason",
     "Relay",
-    "RequestIds",
     "Router",
-    "SessionRoute",
-    "SessionRoutes",
     "Settings",
     "Stats",
     "TokenCache",
     "Unauthenticated",
     "Unavailable",
     "__version__",
-    "read_request_ids",
+    "credentials",
+    "decide",
     "sanitize_username",
     "serve",
 ]

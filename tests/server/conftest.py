@@ -19,18 +19,33 @@ SERVICE = "/spark.connect.SparkConnectService/"
 UNREACHABLE = "127.0.0.1:1"  # users not in the backend map: nothing listens there
 
 
-@pytest.fixture(scope="session")
+DATA_PLANES = ("envoy", "grpc")
+
+
+@pytest.fixture(params=DATA_PLANES)
+def data_plane(request: pytest.FixtureRequest) -> str:
+    """Each test that starts its own kbproxy runs on both data planes."""
+    plane: str = request.param
+    return plane
+
+
+@pytest.fixture(scope="session", params=DATA_PLANES)
 def kbproxy(
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     spark_servers: list[SparkConnectServer],
     dev_auth_session: DevAuthServer,
 ) -> Iterator[KbproxyServer]:
-    """kbproxy routing alice and bob to their own servers; any other user to a closed port."""
+    """kbproxy routing alice and bob to their own servers; any other user to a closed port.
+
+    Parametrized: every test using it runs on the Envoy data plane and on the gRPC relay.
+    """
     server = start_kbproxy(
-        tmp_path_factory.mktemp("kbproxy"),
+        tmp_path_factory.mktemp(f"kbproxy-{request.param}"),
         auth_url=dev_auth_session.url,
         backend_template=UNREACHABLE,
         backend_map={"alice": spark_servers[0].address, "bob": spark_servers[1].address},
+        data_plane=request.param,
         extra_args=["--auth-timeout", "1", "--connect-timeout", "1"],
     )
     try:
