@@ -70,12 +70,19 @@ def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
                 "Config",
                 config_request(user_id="bob"),
                 token=ALICE_TOKEN,
-                metadata=(("user_id", "bob"), ("x-kbase-user", "bob")),
+                metadata=(
+                    ("user_id", "bob"),
+                    ("x-kbase-user", "bob"),
+                    ("x-kbproxy-user", "bob"),
+                    ("x-kbproxy-backend", f"127.0.0.1:{port}"),
+                ),
             )
         assert len(recorder.metadata) == 3
         for metadata in recorder.metadata:
             assert metadata["x-kbase-token"] == BOB_TOKEN
             assert ALICE_TOKEN not in json.dumps(metadata, default=str)
+            # routing headers, the authorizer's or a client's, never reach a backend
+            assert not [key for key in metadata if key.startswith("x-kbproxy-")]
         text = proxy.wait_for_log(lambda text: text.count('"kbproxy.access"') >= 9)
         access = [
             json.loads(line)
