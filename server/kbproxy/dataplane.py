@@ -161,6 +161,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _child_options() -> dict[str, Any]:
+    if os.name != "posix":
+        return {}
+    # its own process group: a signal to kbproxy's group (Ctrl-C, an init's forwarding) must
+    # not stop Envoy before kbproxy has drained it; and it dies with kbproxy
+    return {"preexec_fn": _die_with_parent, "start_new_session": True}
+
+
 class Envoy:
     """One supervised Envoy process (see the module docstring)."""
 
@@ -231,11 +239,8 @@ class Envoy:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,
-            preexec_fn=_die_with_parent,
-            # its own process group: a signal to kbproxy's group (Ctrl-C, an init's forwarding)
-            # must not stop Envoy before kbproxy has drained it
-            start_new_session=True,
             limit=1 << 20,
+            **_child_options(),
         )
         self._reader = asyncio.create_task(self._read(self._proc))
 

@@ -82,6 +82,11 @@ def test_unreachable_backend_is_unavailable_naming_the_server(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "user dave (127.0.0.1:1)" in error.details()
     assert "retry" in error.details()
+    assert error.details().startswith("[kbproxy:BACKEND_UNAVAILABLE] ")
+    deadline = time.monotonic() + 10  # Envoy's access log reaches kbproxy a moment later
+    while kbproxy.stats()["refusals"].get("BACKEND_UNAVAILABLE", 0) < 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, kbproxy.stats()["refusals"]
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
