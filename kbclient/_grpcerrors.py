@@ -1,10 +1,19 @@
 """Spark Connect (gRPC) errors from the proxy, translated into kbclient's actionable errors.
 
 How it works: pyspark raises ``SparkConnectGrpcException`` (or a raw ``grpc.RpcError``) carrying
-a gRPC status code and the server's message. ``translate`` maps the codes the KBase proxy uses
-for its own decisions to kbclient errors; anything else (a SQL error, say) is not ours and is
-left alone (``None``). The function reads only the code's name and the text, so it needs no
-import of grpc or pyspark:
+a gRPC status code and the server's message. Every refusal of kbproxy starts with a reason code,
+``[kbproxy:CODE] ``, and ``translate`` decides on that code first (``REASONS``):
+
+- NO_TOKEN -> NoTokenError; TOKEN_INVALID -> InvalidTokenError; TOKEN_EXPIRED -> TokenExpiredError
+- MFA_REQUIRED -> MFARequiredError; AUTH_UNAVAILABLE -> AuthUnavailableError
+- BACKEND_UNAVAILABLE, BACKEND_LOST -> SparkServerUnavailableError: start your server; *waitable*
+- DRAINING, OVERLOADED -> SparkServerUnavailableError: the service is busy; *waitable*
+- UNKNOWN_SERVICE, CONFIG -> KBaseError (a wrong address, or the operators must act)
+
+A message without a code (an older proxy, or none at all) falls back to the status code and
+English words. Anything else (a SQL error, say) is not ours and is left alone (``None``). The
+function reads only the code's name and the text, so it needs no import of grpc or pyspark
+(kbclient never imports kbproxy; a test checks every kbproxy reason against ``REASONS``):
 
 - UNAUTHENTICATED                 -> InvalidTokenError: log in again
 - PERMISSION_DENIED, mentions MFA -> MFARequiredError: how to get an MFA token
@@ -31,7 +40,9 @@ from kbclient._errors import (
     InvalidTokenError,
     KBaseError,
     MFARequiredError,
+    NoTokenError,
     SparkServerUnavailableError,
+    TokenExpiredError,
 )
 
 MFA_HINT = (
@@ -48,6 +59,23 @@ CA_HINT = (
     "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=/path/to/ca.pem"
 )
 
+_REASON = re.compile(r"^\[kbproxy:([A-Z_]+)\] ")
+# kbproxy's reason codes (kbproxy/reasons.py), and what kbclient makes of each.
+REASONS = frozenset(
+    {
+        "NO_TOKEN",
+        "TOKEN_INVALID",
+        "TOKEN_EXPIRED",
+        "MFA_REQUIRED",
+        "AUTH_UNAVAILABLE",
+        "BACKEND_UNAVAILABLE",
+        "BACKEND_LOST",
+        "UNKNOWN_SERVICE",
+        "DRAINING",
+        "OVERLOADED",
+        "CONFIG",
+    }
+)
 _DETAILS = re.compile(r'details = "(.*?)"\n', re.DOTALL)
 _NO_CONNECTION = (
     "failed to connect to all addresses",
@@ -108,23 +136,73 @@ def translate(
         return None
     code, message = status
     message = scrub(message, token)
-    lower = message.lower()
-    if code == "UNAUTHENTICATED":
-        return Translated(
-            InvalidTokenError(
-                f"the Spark Connect service at {target} rejected your token ({message}); "
-                f"log in again: {LOGIN_HINT}"
-            )
-        )
+    found = _REASON.match(message)
+    if found is not None and found.group(1) in REASONS:
+        return _by_reason(found.group(1), message, target=target, username=username)
+    reason = _reason_from_words(code, message.lower())
+    if reason is not None:
+        return _by_reason(reason, message, target=target, username=username)
     if code == "PERMISSION_DENIED":
-        if "mfa" in lower or "multi-factor" in lower:
-            return Translated(MFARequiredError(f"{MFA_HINT} (the service said: {message})"))
         return Translated(
             AuthError(f"the Spark Connect service at {target} refused access: {message}")
         )
     if code != "UNAVAILABLE":
         return None
+    lower = message.lower()
+    hint = "check the host and port, your network and VPN"
+    if use_ssl and ("handshake" in lower or "ssl" in lower or "certificate" in lower):
+        hint = "the TLS handshake failed: check use_ssl (false for a plain-text server); " + CA_HINT
+    return Translated(
+        SparkServerUnavailableError(
+            f"cannot reach the Spark Connect service at {target} ({message}); {hint}"
+        )
+    )
+
+
+def _reason_from_words(code: str, lower: str) -> str | None:
+    """The reason of a message without a code (a proxy without codes), by status and words."""
+    if code == "UNAUTHENTICATED":
+        return "TOKEN_INVALID"
+    if code == "PERMISSION_DENIED":
+        return "MFA_REQUIRED" if "mfa" in lower or "multi-factor" in lower else None
+    if code != "UNAVAILABLE":
+        return None
     if any(marker in lower for marker in _ABOUT_BACKEND):
+        return "BACKEND_UNAVAILABLE"
+    if any(marker in lower for marker in _ABOUT_AUTH):
+        return "AUTH_UNAVAILABLE"
+    if any(marker in lower for marker in _NO_CONNECTION):
+        return None  # the proxy itself cannot be reached: see translate
+    return "BACKEND_UNAVAILABLE"
+
+
+def _by_reason(reason: str, message: str, *, target: str, username: str) -> Translated:
+    """The kbclient error for a kbproxy refusal with a reason code."""
+    if reason == "NO_TOKEN":
+        return Translated(
+            NoTokenError(
+                f"the Spark Connect service at {target} received no KBase token ({message}); "
+                f"{LOGIN_HINT}"
+            )
+        )
+    if reason in ("TOKEN_INVALID", "TOKEN_EXPIRED"):
+        kind = TokenExpiredError if reason == "TOKEN_EXPIRED" else InvalidTokenError
+        return Translated(
+            kind(
+                f"the Spark Connect service at {target} rejected your token ({message}); "
+                f"log in again: {LOGIN_HINT}"
+            )
+        )
+    if reason == "MFA_REQUIRED":
+        return Translated(MFARequiredError(f"{MFA_HINT} (the service said: {message})"))
+    if reason == "AUTH_UNAVAILABLE":
+        return Translated(
+            AuthUnavailableError(
+                f"the Spark Connect service at {target} cannot check your token with KBase "
+                f"auth right now ({message}); try again in a minute"
+            )
+        )
+    if reason in ("BACKEND_UNAVAILABLE", "BACKEND_LOST"):
         return Translated(
             SparkServerUnavailableError(
                 f"your Spark server ({username}) is not reachable through {target} ({message}); "
@@ -132,29 +210,24 @@ def translate(
             ),
             waitable=True,
         )
-    if any(marker in lower for marker in _ABOUT_AUTH):
-        return Translated(
-            AuthUnavailableError(
-                f"the Spark Connect service at {target} cannot check your token with KBase "
-                f"auth right now ({message}); try again in a minute"
-            )
-        )
-    if any(marker in lower for marker in _NO_CONNECTION):
-        hint = "check the host and port, your network and VPN"
-        if use_ssl and ("handshake" in lower or "ssl" in lower or "certificate" in lower):
-            hint = (
-                "the TLS handshake failed: check use_ssl (false for a plain-text server); "
-                + CA_HINT
-            )
+    if reason in ("DRAINING", "OVERLOADED"):
         return Translated(
             SparkServerUnavailableError(
-                f"cannot reach the Spark Connect service at {target} ({message}); {hint}"
+                f"the Spark Connect service at {target} is restarting or busy ({message}); "
+                "try again in a moment"
+            ),
+            waitable=True,
+        )
+    if reason == "UNKNOWN_SERVICE":
+        return Translated(
+            KBaseError(
+                f"{target} is a KBase Spark Connect proxy, which does not serve this call "
+                f"({message}); check the client's address and version"
             )
         )
     return Translated(
-        SparkServerUnavailableError(
-            f"your Spark server ({username}) is not reachable through {target} ({message}); "
-            f"{START_HINT}"
-        ),
-        waitable=True,
+        KBaseError(
+            f"the Spark Connect service at {target} is misconfigured ({message}); tell the "
+            "service's operators"
+        )
     )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ class KbproxyServer:
     port: int
     stats_port: int
     child: ChildProcess
+    data_plane: str = "envoy"
 
     @property
     def address(self) -> str:
@@ -32,6 +34,15 @@ class KbproxyServer:
     def stats(self) -> dict[str, object]:
         result: dict[str, object] = httpx.get(self.stats_url + "stats", timeout=5).json()
         return result
+
+    def wait_for_log(self, found: Callable[[str], bool], timeout: float = 10) -> str:
+        """The log text once ``found(text)`` holds (Envoy's access log arrives a moment later)."""
+        deadline = time.monotonic() + timeout
+        while not found(text := self.child.log_text()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"kbproxy's log did not show it within {timeout} s:\n{text}")
+            time.sleep(0.05)
+        return text
 
     def stop(self) -> None:
         self.child.stop()
@@ -51,6 +62,7 @@ def start_kbproxy(
     backend_template: str | None = None,
     backend_map: dict[str, str] | None = None,
     tls: tuple[Path, Path] | None = None,
+    data_plane: str = "envoy",
     extra_args: Sequence[str] = (),
     launcher: Sequence[str] = (),
 ) -> KbproxyServer:
@@ -62,6 +74,7 @@ def start_kbproxy(
             users absent from backend_map go to an address nobody listens on.
         backend_map: {"username": "host:port"} written to a file for --backend-map.
         tls: (certificate chain, private key) PEM files to serve TLS.
+        data_plane: ``envoy`` (Envoy supervised by kbproxy) or ``grpc`` (the embedded relay).
         extra_args: more `kbproxy serve` flags (e.g. --connect-timeout 1).
         launcher: a command that runs the rest of the command line (testbed.hosts).
     """
@@ -70,6 +83,7 @@ def start_kbproxy(
     argv = [*launcher, sys.executable, "-m", "kbproxy", "serve", "--listen", f"127.0.0.1:{port}"]
     argv += ["--stats-listen", f"127.0.0.1:{stats_port}", "--auth-url", auth_url]
     argv += ["--auth-timeout", "2", "--connect-timeout", "2", "--drain-grace", "2"]
+    argv += ["--data-plane", data_plane]
     if backend_template is None:
         backend_template = "127.0.0.1:1"  # users not in backend_map: connection refused
     argv += ["--backend-template", backend_template]
@@ -86,4 +100,4 @@ def start_kbproxy(
     except BaseException:
         child.stop()
         raise
-    return KbproxyServer(port=port, stats_port=stats_port, child=child)
+    return KbproxyServer(port=port, stats_port=stats_port, child=child, data_plane=data_plane)

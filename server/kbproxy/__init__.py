@@ -21,15 +21,17 @@ from kbproxy.errors import (
     Unauthenticated,
     Unavailable,
 )
+from kbproxy.policy import Allow, Deny, credentials, decide
 from kbproxy.pool import ChannelPool
+from kbproxy.reasons import Reason
 from kbproxy.relay import CallObserver, CallRecord, Relay
-from kbproxy.routing import Router, SessionRoute, SessionRoutes
+from kbproxy.routing import Router
 from kbproxy.server import ProxyServer, Settings, serve
 from kbproxy.slugs import backend_name
 from kbproxy.stats import Stats
-from kbproxy.wire import RequestIds, read_request_ids
 
 __all__ = [
+    "Allow",
     "Auth2Client",
     "AuthUnavailable",
     "Authenticator",
@@ -38,17 +40,16 @@ __all__ = [
     "CallRecord",
     "ChannelPool",
     "ConfigError",
+    "Deny",
     "Identity",
     "ListenError",
     "MfaPolicy",
     "PermissionDenied",
     "ProxyError",
     "ProxyServer",
+    "Reason",
     "Relay",
-    "RequestIds",
     "Router",
-    "SessionRoute",
-    "SessionRoutes",
     "Settings",
     "Stats",
     "TokenCache",
@@ -56,6 +57,7 @@ __all__ = [
     "Unavailable",
     "__version__",
     "backend_name",
-    "read_request_ids",
+    "credentials",
+    "decide",
     "serve",
 ]

@@ -27,6 +27,7 @@ from typing import Protocol
 import httpx
 
 from kbproxy.errors import AuthUnavailable, PermissionDenied, Unauthenticated
+from kbproxy.reasons import Reason
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ REJECTED_HINT = (
     "(create_spark_session())"
 )
 
+EXPIRED_HINT = (
+    "the KBase token has expired: log in again (kbdaemon login) or create a new token, then "
+    "start a new Spark session (create_spark_session())"
+)
+
 
 class Auth2Client:
     """Asks KBase Auth2 about tokens with one pooled httpx client.
@@ -158,7 +164,7 @@ class Auth2Client:
             )
         try:
             body = response.json()
-            return Identity(
+            identity = Identity(
                 username=str(body["user"]),
                 mfa=str(body.get("mfa") or "Unknown"),
                 token_type=str(body.get("type") or ""),
@@ -169,6 +175,9 @@ class Auth2Client:
             raise AuthUnavailable(
                 "the KBase auth service sent an unexpected answer; try again in a moment"
             ) from None
+        if identity.expires_ms <= time.time() * 1000:
+            raise Unauthenticated(EXPIRED_HINT, Reason.TOKEN_EXPIRED)
+        return identity
 
     async def ping(self) -> bool:
         """True when the auth service answers its root with 200."""
@@ -219,13 +228,13 @@ class Authenticator:
         ``authenticate`` does; never waits.
         """
         if not token:
-            raise Unauthenticated(MISSING_HINT)
+            raise Unauthenticated(MISSING_HINT, Reason.NO_TOKEN)
         result = self.cache.get(token_key(token))
         if result is None:
             return None
         if isinstance(result, Unauthenticated):
             self.counters.negative_hits += 1
-            raise Unauthenticated(str(result))
+            raise Unauthenticated(result.sentence, result.reason)
         self.counters.hits += 1
         self.policy.check(result)
         return result
@@ -239,7 +248,7 @@ class Authenticator:
         self.counters.misses += 1
         result = await self._fetch(token_key(token), token)
         if isinstance(result, Unauthenticated):
-            raise Unauthenticated(str(result))
+            raise Unauthenticated(result.sentence, result.reason)
         self.policy.check(result)
         return result
 

@@ -15,35 +15,15 @@ import logging
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from kbproxy import __version__, devauth
 from kbproxy.errors import ConfigError, ListenError
 from kbproxy.logs import configure_logging
-from kbproxy.options import (
-    MIB,
-    EnvArgs,
-    parse_count,
-    parse_data_path,
-    parse_event_loop,
-    parse_host_port,
-    parse_log_format,
-    parse_log_level,
-    parse_optional_host_port,
-    parse_seconds,
-    parse_size,
-    parse_users,
-)
-from kbproxy.routing import DEFAULT_TEMPLATE, load_backend_map
-from kbproxy.server import Settings, serve
-from kbproxy.slugs import DEFAULT_NAME_SCHEME, NAME_SCHEMES, NameScheme
-
-
-def _parse_name_scheme(value: str) -> NameScheme:
-    if value not in NAME_SCHEMES:
-        raise argparse.ArgumentTypeError(f"expected safe or escape, got {value!r}")
-    return cast("NameScheme", value)
-
+from kbproxy.options import EnvArgs, parse_host_port
+from kbproxy.routing import load_backend_map
+from kbproxy.server import serve
+from kbproxy.settings import OPTIONS, Settings
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
@@ -103,227 +83,27 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> EnvA
         ),
     )
     e = EnvArgs(p)
-    e.add(
-        "--listen",
-        type=parse_host_port,
-        default=("0.0.0.0", 15002),
-        metavar="HOST:PORT",
-        help="gRPC address to listen on",
-    )
-    e.add(
-        "--auth-url",
-        type=str,
-        default="https://kbase.us/services/auth/",
-        metavar="URL",
-        help="KBase Auth2 root URL",
-    )
-    e.add(
-        "--backend-template",
-        type=str,
-        default=DEFAULT_TEMPLATE,
-        metavar="TEMPLATE",
-        help="backend address of a user; {username} is the user's name as KubeSpawner names "
-        "the user's pod (see --backend-name-scheme), {namespace} the namespace",
-    )
-    e.add(
-        "--backend-name-scheme",
-        type=_parse_name_scheme,
-        default=DEFAULT_NAME_SCHEME,
-        metavar="safe|escape",
-        help="how {username} is made, as the hub's KubeSpawner slug_scheme: safe (KubeSpawner 7's "
-        "default) or escape (KubeSpawner < 7); distinct users always get distinct names",
-    )
-    e.add(
-        "--namespace",
-        type=str,
-        default="default",
-        metavar="NAME",
-        help="value of {namespace} in the backend template",
-    )
-    e.add(
-        "--backend-map",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help='JSON file {"username": "host:port"} pinning users to backends; consulted '
-        "before the template",
-    )
-    e.add(
-        "--stats-listen",
-        type=parse_optional_host_port,
-        default=("0.0.0.0", 9090),
-        metavar="HOST:PORT",
-        help="HTTP address of /healthz, /readyz, /stats and /metrics ('off' disables)",
-    )
-    e.add_switch(
-        "--require-mfa",
-        default=True,
-        help="refuse tokens created without multi-factor authentication",
-    )
-    e.add(
-        "--mfa-exempt",
-        type=parse_users,
-        default=frozenset(),
-        metavar="USER,...",
-        help="users whose tokens need no MFA",
-    )
-    e.add(
-        "--auth-timeout",
-        type=parse_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="time allowed to an Auth2 request; slower means UNAVAILABLE",
-    )
-    e.add(
-        "--auth-cache-size",
-        type=parse_count,
-        default=10_000,
-        metavar="N",
-        help="tokens kept in the validation cache (as hashes)",
-    )
-    e.add(
-        "--auth-cache-ttl",
-        type=parse_seconds,
-        default=300.0,
-        metavar="SECONDS",
-        help="longest time a validation is cached (also bounded by Auth2's cachefor and the "
-        "token's expiry)",
-    )
-    e.add(
-        "--auth-negative-ttl",
-        type=parse_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="time a rejected token is remembered as rejected",
-    )
-    e.add(
-        "--pool-size",
-        type=parse_count,
-        default=256,
-        metavar="N",
-        help="backend channels kept open (least recently used idle ones are closed beyond it)",
-    )
-    e.add(
-        "--pool-idle-timeout",
-        type=parse_seconds,
-        default=600.0,
-        metavar="SECONDS",
-        help="a backend channel without calls for this long is closed",
-    )
-    e.add(
-        "--connect-timeout",
-        type=parse_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="time allowed to connect to a user's server before UNAVAILABLE",
-    )
-    e.add(
-        "--backend-keepalive",
-        type=parse_seconds,
-        default=300.0,
-        metavar="SECONDS",
-        help="keepalive ping interval on backend connections with calls (Spark Connect "
-        "servers refuse pings more frequent than every 5 minutes by default)",
-    )
-    e.add(
-        "--max-message-size",
-        type=parse_size,
-        default=256 * MIB,
-        metavar="BYTES",
-        help="largest gRPC message, both directions and both hops (suffixes KiB, MiB, GiB)",
-    )
-    e.add(
-        "--session-ttl",
-        type=parse_seconds,
-        default=3600.0,
-        metavar="SECONDS",
-        help="how long a session id routes token-less FetchErrorDetails calls (pyspark 4.0.0.dev1)",
-    )
-    e.add(
-        "--session-max",
-        type=parse_count,
-        default=100_000,
-        metavar="N",
-        help="session ids remembered at most",
-    )
-    e.add(
-        "--drain-grace",
-        type=parse_seconds,
-        default=25.0,
-        metavar="SECONDS",
-        help="on SIGTERM, time running calls get to finish",
-    )
-    e.add(
-        "--tls-cert",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="PEM certificate chain, to serve TLS without an ingress (with --tls-key)",
-    )
-    e.add("--tls-key", type=Path, default=None, metavar="FILE", help="PEM private key")
-    e.add(
-        "--data-path",
-        type=parse_data_path,
-        default="fast",
-        metavar="fast|grpc",
-        help="fast: an HTTP/2 relay binds each client connection to its user's server and "
-        "hands anything else to the gRPC relay; grpc: every call goes through the gRPC relay",
-    )
-    e.add(
-        "--event-loop",
-        type=parse_event_loop,
-        default="auto",
-        metavar="auto|uvloop|asyncio",
-        help="the asyncio event loop: uvloop (less CPU per call) or the standard one; auto "
-        "takes uvloop when it is installed",
-    )
-    e.add(
-        "--log-format",
-        type=parse_log_format,
-        default="text",
-        metavar="text|json",
-        help="log lines as text or as JSON objects",
-    )
-    e.add(
-        "--log-level",
-        type=parse_log_level,
-        default="INFO",
-        metavar="LEVEL",
-        help="DEBUG, INFO, WARNING or ERROR",
-    )
+    for option in OPTIONS:
+        if option.switch:
+            e.add_switch(option.flag, default=option.default, help=option.help)
+        else:
+            e.add(
+                option.flag,
+                type=option.parse,
+                default=option.default,
+                metavar=option.metavar,
+                help=option.help,
+            )
     p.set_defaults(func=cmd_serve)
     return e
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings of `kbproxy serve`; raises ConfigError for a bad backend map."""
-    backend_map = load_backend_map(args.backend_map) if args.backend_map else None
-    return Settings(
-        listen=args.listen,
-        auth_url=args.auth_url,
-        backend_template=args.backend_template,
-        backend_name_scheme=args.backend_name_scheme,
-        namespace=args.namespace,
-        backend_map=backend_map,
-        stats_listen=args.stats_listen,
-        require_mfa=args.require_mfa,
-        mfa_exempt=args.mfa_exempt,
-        auth_timeout=args.auth_timeout,
-        auth_cache_size=args.auth_cache_size,
-        auth_cache_ttl=args.auth_cache_ttl,
-        auth_negative_ttl=args.auth_negative_ttl,
-        pool_size=args.pool_size,
-        pool_idle_timeout=args.pool_idle_timeout,
-        connect_timeout=args.connect_timeout,
-        backend_keepalive=args.backend_keepalive,
-        max_message_size=args.max_message_size,
-        session_ttl=args.session_ttl,
-        session_max=args.session_max,
-        drain_grace=args.drain_grace,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        data_path=args.data_path,
-    )
+    values = {option.field: getattr(args, option.field) for option in OPTIONS}
+    if values["backend_map"] is not None:
+        values["backend_map"] = load_backend_map(values["backend_map"])
+    return Settings(**values)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], kind: str = "auto") -> None:
@@ -348,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, getattr(logging, args.log_level))
     try:
         settings = settings_from_args(args)
-        run_event_loop(serve(settings), args.event_loop)
+        run_event_loop(serve(settings), settings.event_loop)
     except ListenError as exc:
         print(f"kbproxy serve: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE

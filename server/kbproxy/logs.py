@@ -45,5 +45,3 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
     # httpx logs each request URL at INFO; the access log already says what matters.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    # hpack logs every header it decodes at DEBUG, tokens included: never let it.
-    logging.getLogger("hpack").setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 MIB = 1024 * 1024
@@ -132,18 +133,17 @@ def parse_log_level(value: str) -> str:
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+DATA_PLANES = ("auto", "envoy", "grpc")
 
 
-def parse_event_loop(value: str) -> str:
-    if value not in EVENT_LOOPS:
-        raise argparse.ArgumentTypeError(f"expected auto, uvloop or asyncio, got {value!r}")
-    return value
+def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """A parser accepting one of ``choices``."""
 
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"expected {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}"
+            )
+        return value
 
-DATA_PATHS = ("fast", "grpc")
-
-
-def parse_data_path(value: str) -> str:
-    if value not in DATA_PATHS:
-        raise argparse.ArgumentTypeError(f"expected fast or grpc, got {value!r}")
-    return value
+    return parse

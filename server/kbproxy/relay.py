@@ -1,20 +1,20 @@
-"""The gRPC relay: any method of SparkConnectService, authenticated and routed, as raw bytes.
+"""The gRPC relay: the embedded data plane, any method of SparkConnectService as raw bytes.
 
 How it works, per call::
 
-    method of the service? --no--> (not handled here: gRPC answers UNIMPLEMENTED)
-    token --Authenticator--> username --Router--> backend address    (refusal -> its status)
-       (no token, FetchErrorDetails: the session id of the request -> SessionRoutes)
-    pooled channel --connected within connect_timeout?--no--> UNAVAILABLE naming the server
-    backend call (same method, metadata minus hop-by-hop, the client's deadline)
+    method of the service? --no--> UNIMPLEMENTED [kbproxy:UNKNOWN_SERVICE]
+    metadata --Authorizer (policy + token cache)--> Deny: its status and message
+                                                 Allow(user, backend): pooled channel
+    connected within connect_timeout? --no--> UNAVAILABLE [kbproxy:BACKEND_UNAVAILABLE]
+    backend call (same method, metadata minus hop-by-hop and routing keys, the client's deadline)
     relay: requests ->, initial metadata <-, responses <-, status + details + trailers <-
 
-Messages are never parsed, except the first request of each call, whose session id (field 1)
-is remembered for FetchErrorDetails. Methods whose request is a single message (all but
-AddArtifacts today) are handled as unary-request calls, so the request travels with the call's
-start; AddArtifacts and methods unknown to this version are relayed as bidirectional streams,
-which at the HTTP/2 level carries any cardinality. The relay imposes no deadline: the client's
-own deadline (if any) is passed on, and its cancellation cancels the backend call.
+Messages are never parsed. Methods whose request is a single message (all but AddArtifacts
+today) are handled as unary-request calls, so the request travels with the call's start;
+AddArtifacts and methods unknown to this version are relayed as bidirectional streams, which at
+the HTTP/2 level carries any cardinality. The relay imposes no deadline: the client's own
+deadline (if any) is passed on, and its cancellation cancels the backend call. Envoy is the
+default data plane (``kbproxy.dataplane``); this one serves where no Envoy binary exists.
 """
 
 from __future__ import annotations
@@ -30,17 +30,16 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from kbproxy.auth import Authenticator
-from kbproxy.errors import BackendUnavailable, ProxyError, Unauthenticated
+from kbproxy import policy
+from kbproxy.authz import Authorizer
+from kbproxy.errors import BackendUnavailable, ProxyError
 from kbproxy.pool import ChannelPool, PooledChannel
-from kbproxy.routing import Router, SessionRoute, SessionRoutes
-from kbproxy.wire import read_request_ids
+from kbproxy.reasons import Reason
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("kbproxy.access")
 
-SERVICE = "spark.connect.SparkConnectService"
-PREFIX = f"/{SERVICE}/"
+SERVICE = policy.SERVICE
+PREFIX = policy.SPARK_PREFIX
 # Cardinalities as of Spark 4.1; methods not listed are relayed as bidirectional streams.
 SERVER_STREAMING_METHODS = frozenset({"ExecutePlan", "ReattachExecute"})
 UNARY_METHODS = frozenset(
@@ -56,45 +55,16 @@ UNARY_METHODS = frozenset(
         "GetStatus",
     }
 )
-TOKENLESS_BY_SESSION = frozenset({"FetchErrorDetails"})
-HOP_BY_HOP = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "host"}
-)
-NOT_FORWARDED = HOP_BY_HOP | {"user-agent", "content-type"}
+KNOWN_METHODS = UNARY_METHODS | SERVER_STREAMING_METHODS | {"AddArtifacts"}
 
 Metadata = Sequence[tuple[str, str | bytes]]
-
-
-def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
-    """Metadata to pass on: everything but hop-by-hop, transport and reserved keys."""
-    return [
-        (key, value)
-        for key, value in metadata or ()
-        if key == "grpc-status-details-bin"
-        or (key not in NOT_FORWARDED and not key.startswith((":", "grpc-")))
-    ]
-
-
-def token_of(metadata: Metadata | None) -> str | None:
-    """The KBase token of a call: ``x-kbase-token``, else ``authorization: Bearer <token>``."""
-    bearer = None
-    for key, value in metadata or ():
-        if not isinstance(value, str):
-            continue
-        if key == "x-kbase-token" and value.strip():
-            return value.strip()
-        if key == "authorization" and bearer is None:
-            scheme, _, credentials = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and credentials.strip():
-                bearer = credentials.strip()
-    return bearer
+forwardable = policy.forwardable
 
 
 @dataclass(frozen=True)
 class Route:
     username: str
     backend: str
-    by_session: bool = False
 
 
 @dataclass
@@ -108,7 +78,6 @@ class CallRecord:
     code: grpc.StatusCode = grpc.StatusCode.OK
     bytes_in: int = 0
     bytes_out: int = 0
-    by_session: bool = False
     routed: bool = False
     details: str = ""
 
@@ -136,21 +105,17 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(
         self,
         *,
-        authenticator: Authenticator,
-        router: Router,
+        authorizer: Authorizer,
         pool: ChannelPool,
-        sessions: SessionRoutes,
         connect_timeout: float = 5.0,
         observer: CallObserver | None = None,
     ) -> None:
-        self.authenticator = authenticator
-        self.router = router
+        self.authorizer = authorizer
         self.pool = pool
-        self.sessions = sessions
         self.connect_timeout = connect_timeout
         self.observer = observer or CallObserver()
-        known = UNARY_METHODS | SERVER_STREAMING_METHODS | {"AddArtifacts"}
-        self._known = {PREFIX + m: self._handler(PREFIX + m, m) for m in known}
+        self._known = {PREFIX + m: self._handler(PREFIX + m, m) for m in KNOWN_METHODS}
+        self._unknown = grpc.unary_unary_rpc_method_handler(_refuse_unknown_service)
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -159,8 +124,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         known = self._known.get(path)
         if known is not None:
             return known
-        if not path.startswith(PREFIX) or "/" in (method := path[len(PREFIX) :]) or not method:
-            return None
+        method = policy.spark_method(path)
+        if method is None:
+            return self._unknown
         return self._handler(path, method)
 
     def _handler(self, path: str, method: str) -> grpc.RpcMethodHandler:
@@ -184,28 +150,11 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
 
         return grpc.stream_stream_rpc_method_handler(streaming)
 
-    async def _route(self, method: str, metadata: Metadata, request: bytes | None) -> Route:
-        token = token_of(metadata)
-        if token is None and method in TOKENLESS_BY_SESSION and request is not None:
-            ids = read_request_ids(request)
-            known = self.sessions.lookup(ids.session_id) if ids.session_id else None
-            if known is not None and known.user_id == ids.user_id:
-                return Route(known.username, known.backend, by_session=True)
-            if ids.session_id:
-                raise Unauthenticated(
-                    f"{method} without a token for a session this proxy has not seen "
-                    "(or not recently): upgrade pyspark (released 4.0.0 and later send the "
-                    "token with it), or retry"
-                )
-        identity = await self.authenticator.authenticate(token)
-        return Route(identity.username, self.router.address_for(identity.username))
-
-    def _remember_session(self, route: Route, request: bytes) -> None:
-        ids = read_request_ids(request)
-        if ids.session_id and not route.by_session:
-            self.sessions.record(
-                ids.session_id, SessionRoute(route.username, ids.user_id, route.backend)
-            )
+    async def _route(self, metadata: Metadata) -> Route:
+        decision = await self.authorizer.authorize(metadata)
+        if isinstance(decision, policy.Deny):
+            raise _Refused(decision)
+        return Route(decision.user, decision.backend)
 
     async def _handle(
         self,
@@ -221,17 +170,12 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.observer.started(record)
         try:
             metadata = context.invocation_metadata() or ()
-            route = await self._route(method, metadata, request)
-            record.user, record.backend, record.by_session = (
-                route.username,
-                route.backend,
-                route.by_session,
-            )
+            route = await self._route(metadata)
+            record.user, record.backend = route.username, route.backend
             record.routed = True
             self.observer.routed(record)
             if request is not None:
                 record.bytes_in += len(request)
-                self._remember_session(route, request)
             pooled = self.pool.acquire(route.backend)
             try:
                 await self._connected(pooled.channel, route)
@@ -243,6 +187,11 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
                 await self._relay(path, context, pooled, metadata, route, record, request, requests)
             finally:
                 self.pool.release(pooled)
+        except _Refused as refused:
+            deny = refused.deny
+            record.code, record.details = deny.code, deny.message
+            context.set_code(deny.code)
+            context.set_details(deny.message)
         except ProxyError as exc:
             record.code, record.details = exc.code, str(exc)
             context.set_code(exc.code)
@@ -254,7 +203,9 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             log.exception("relaying %s failed", method)
             record.code = grpc.StatusCode.INTERNAL
             context.set_code(grpc.StatusCode.INTERNAL)
-            context.set_details("kbproxy failed to relay the call; see the proxy's log")
+            context.set_details(
+                Reason.CONFIG.tag("kbproxy failed to relay the call; see the proxy's log")
+            )
         finally:
             self.observer.finished(record)
         return None
@@ -312,7 +263,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> None:
         """Pass the backend's status on; a lost connection is explained."""
         if code == grpc.StatusCode.UNAVAILABLE and not trailing:
-            details = (
+            details = Reason.BACKEND_LOST.tag(
                 f"lost the connection to the Spark Connect server of user {route.username} "
                 f"({route.backend}): {details}; retry in a moment"
             )
@@ -366,12 +317,8 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
     async def _pump(
         self, requests: AsyncIterator[bytes], call: Any, route: Route, record: CallRecord
     ) -> None:
-        first = True
         try:
             async for message in requests:
-                if first:
-                    self._remember_session(route, message)
-                    first = False
                 record.bytes_in += len(message)
                 if call.done():
                     return
@@ -386,3 +333,17 @@ def _remaining(context: grpc.aio.ServicerContext) -> float | None:
     if remaining is None or remaining > 10 * 365 * 86400:
         return None
     return max(remaining, 0.001)
+
+
+class _Refused(Exception):
+    """A call the policy denied (internal to the relay)."""
+
+    def __init__(self, deny: policy.Deny) -> None:
+        super().__init__(deny.message)
+        self.deny = deny
+
+
+async def _refuse_unknown_service(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    deny = policy.unknown_service()
+    await context.abort(deny.code, deny.message)
+    raise AssertionError("abort returns only by raising")  # pragma: no cover

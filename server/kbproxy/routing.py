@@ -10,20 +10,13 @@ scheme (``safe`` or ``escape``, as the hub's ``slug_scheme``): distinct users ge
 never a truncation that two long usernames share. A backend map (operator's JSON file
 ``{"username": "host:port"}``) pins users to addresses and is consulted before the template.
 Nothing the client sends other than its token influences the result.
-
-``SessionRoutes`` remembers, for a while, which user and backend each Spark Connect session id
-was seen with on authenticated calls, so that a FetchErrorDetails call of pyspark 4.0.0.dev1
-(sent without the token) can reach the same server. A session id is bound to its first user: a
-later call of another user with the same id does not move it.
 """
 
 from __future__ import annotations
 
 import json
 import string
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,59 +95,3 @@ def load_backend_map(path: Path) -> dict[str, str]:
     ):
         raise ConfigError(f'backend map {path}: expected a JSON object {{"username": "host:port"}}')
     return {user: _check_address(addr, f"backend map {path}") for user, addr in data.items()}
-
-
-@dataclass(frozen=True)
-class SessionRoute:
-    """Where a session's calls went, and who made them."""
-
-    username: str
-    user_id: str | None
-    backend: str
-
-
-class SessionRoutes:
-    """A bounded, expiring map: Spark Connect session id -> ``SessionRoute``.
-
-    Args:
-        max_size: the oldest sessions are forgotten beyond this many.
-        ttl: seconds a session is remembered after its last authenticated call.
-        clock: monotonic seconds (injectable for tests).
-    """
-
-    def __init__(
-        self,
-        *,
-        max_size: int = 100_000,
-        ttl: float = 3600.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._max_size = max_size
-        self._ttl = ttl
-        self._clock = clock
-        self._routes: OrderedDict[str, tuple[float, SessionRoute]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._routes)
-
-    def record(self, session_id: str, route: SessionRoute) -> bool:
-        """Remember a session's route; False if the id is bound to another user."""
-        now = self._clock()
-        known = self._routes.get(session_id)
-        if known is not None and known[0] > now and known[1].username != route.username:
-            return False
-        self._routes[session_id] = (now + self._ttl, route)
-        self._routes.move_to_end(session_id)
-        while len(self._routes) > self._max_size:
-            self._routes.popitem(last=False)
-        return True
-
-    def lookup(self, session_id: str) -> SessionRoute | None:
-        """The live route of a session, if it was seen recently."""
-        known = self._routes.get(session_id)
-        if known is None:
-            return None
-        if known[0] <= self._clock():
-            del self._routes[session_id]
-            return None
-        return known[1]

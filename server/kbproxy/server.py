@@ -1,17 +1,19 @@
-"""`kbproxy serve`: the gRPC server, the stats port, and the drain on SIGTERM.
+"""`kbproxy serve`: the data plane (Envoy or the gRPC relay), the stats port, the drain.
 
 How it works::
 
-    start: Auth2 client, token cache, router, channel pool, relay, health (SERVING),
-           stats port, pool sweeper; prints "kbproxy listening on HOST:PORT" when ready
-    data path "fast" (default): the public port is the HTTP/2 relay of ``kbproxy.fastpath``;
-           the gRPC server (relay + health) listens on a loopback port for the connections
-           it hands off. Data path "grpc": the gRPC server is the public port.
-    SIGTERM/SIGINT: health NOT_SERVING, /readyz 503; the fast path stops accepting and sends
-           GOAWAY, server.stop(grace): no new calls; running calls get up to `drain_grace`
-           seconds; then everything is closed
+    start: Auth2 client, token cache, router, authorizer, health (SERVING), stats port
+    data plane "envoy" (auto: when a binary is found): health server on a loopback port, the
+           ext_authz HTTP server on a Unix socket, both in a private 0700 directory with the
+           bootstrap and Envoy's admin socket; Envoy supervised (kbproxy.dataplane), its access
+           log feeding the statistics and kbproxy's access log
+    data plane "grpc": the gRPC server (relay + health) is the public port
+    prints "kbproxy listening on HOST:PORT" when ready (one log line says which data plane)
+    SIGTERM/SIGINT: draining (health NOT_SERVING, /readyz 503, new calls refused DRAINING);
+           Envoy: graceful listener drain, wait for running calls up to `drain_grace`, stop;
+           gRPC relay: server.stop(grace); then everything is closed
 
-Settings are one frozen dataclass, filled by the CLI from flags and ``KBPROXY_*`` variables.
+Settings are one frozen dataclass (kbproxy.settings), filled by the CLI.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -31,47 +34,37 @@ import grpc.aio
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from kbproxy import bootstrap
 from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
+from kbproxy.authz import Authorizer, AuthzHttp
+from kbproxy.dataplane import INSTALL_HINT, Envoy, find_envoy, parse_access_line
 from kbproxy.errors import ConfigError, ListenError
-from kbproxy.fastpath import FastPath, tls_context
-from kbproxy.options import DATA_PATHS, MIB
+from kbproxy.options import DATA_PLANES
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
-from kbproxy.routing import DEFAULT_TEMPLATE, Router, SessionRoutes
-from kbproxy.slugs import DEFAULT_NAME_SCHEME, NameScheme
+from kbproxy.routing import Router
+from kbproxy.settings import Settings
 from kbproxy.stats import Stats, stats_app
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ProxyServer", "Settings", "serve"]
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything `kbproxy serve` can be told (see `kbproxy serve --help`)."""
 
-    listen: tuple[str, int] = ("0.0.0.0", 15002)
-    auth_url: str = "https://kbase.us/services/auth/"
-    backend_template: str = DEFAULT_TEMPLATE
-    backend_name_scheme: NameScheme = DEFAULT_NAME_SCHEME
-    namespace: str = "default"
-    backend_map: Mapping[str, str] | None = None
-    stats_listen: tuple[str, int] | None = ("0.0.0.0", 9090)
-    require_mfa: bool = True
-    mfa_exempt: frozenset[str] = field(default_factory=frozenset)
-    auth_timeout: float = 5.0
-    auth_cache_size: int = 10_000
-    auth_cache_ttl: float = 300.0
-    auth_negative_ttl: float = 10.0
-    pool_size: int = 256
-    pool_idle_timeout: float = 600.0
-    connect_timeout: float = 5.0
-    backend_keepalive: float = 300.0
-    max_message_size: int = 256 * MIB
-    session_ttl: float = 3600.0
-    session_max: int = 100_000
-    drain_grace: float = 25.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    data_path: str = "fast"
+def choose_data_plane(settings: Settings) -> tuple[str, Path | None]:
+    """("envoy", binary) or ("grpc", None), as --data-plane and the installed Envoy say."""
+    if settings.data_plane not in DATA_PLANES:
+        raise ConfigError(
+            f"data plane {settings.data_plane!r}: expected one of {', '.join(DATA_PLANES)}"
+        )
+    if settings.data_plane == "grpc":
+        return "grpc", None
+    binary = find_envoy(settings.envoy)
+    if binary is None:
+        if settings.data_plane == "envoy":
+            raise ConfigError(f"--data-plane envoy: no Envoy binary found; {INSTALL_HINT}")
+        return "grpc", None
+    return "envoy", binary
 
 
 class ProxyServer:
@@ -81,6 +74,10 @@ class ProxyServer:
         self.settings = s = settings
         if (s.tls_cert is None) != (s.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+        for path in (s.tls_cert, s.tls_key):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"cannot read TLS key or certificate: {path} is not a file")
+        self.plane, self.envoy_binary = choose_data_plane(s)
         self.router = Router(
             template=s.backend_template,
             namespace=s.namespace,
@@ -97,6 +94,9 @@ class ProxyServer:
             ),
             policy=MfaPolicy(required=s.require_mfa, exempt=s.mfa_exempt),
         )
+        self.authorizer = Authorizer(
+            authenticator=self.authenticator, router=self.router, draining=lambda: self.draining
+        )
         self.pool = ChannelPool(
             max_size=s.pool_size,
             idle_timeout=s.pool_idle_timeout,
@@ -104,23 +104,20 @@ class ProxyServer:
                 max_message=s.max_message_size, keepalive_s=s.backend_keepalive
             ),
         )
-        self.sessions = SessionRoutes(max_size=s.session_max, ttl=s.session_ttl)
-        self.stats = Stats(authenticator=self.authenticator, pool=self.pool, sessions=self.sessions)
+        self.stats = Stats(authenticator=self.authenticator, pool=self.pool)
         self.relay = Relay(
-            authenticator=self.authenticator,
-            router=self.router,
+            authorizer=self.authorizer,
             pool=self.pool,
-            sessions=self.sessions,
             connect_timeout=s.connect_timeout,
             observer=self.stats,
         )
-        self.fastpath: FastPath | None = None
-        if s.data_path not in DATA_PATHS:
-            raise ConfigError(f"data path {s.data_path!r}: expected one of {', '.join(DATA_PATHS)}")
         self.health = health.aio.HealthServicer()
         self.draining = False
         self.port = 0
         self.stats_port = 0
+        self.envoy: Envoy | None = None
+        self._authz: AuthzHttp | None = None
+        self._workdir: Path | None = None
         self._server: grpc.aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -128,49 +125,66 @@ class ProxyServer:
         self._stopped = asyncio.Event()
 
     async def ready(self) -> tuple[bool, str]:
-        """Ready when not draining and Auth2 answered its root within the last few seconds."""
+        """Ready when not draining, Envoy (if used) is ready and Auth2 answered recently."""
         if self.draining:
             return False, "draining"
+        if self.envoy is not None and not await self.envoy.ready():
+            return False, "Envoy is not ready (starting or restarting)"
         if time.monotonic() - self._auth_seen_at > 5.0:
             if not await self.auth_client.ping():
                 return False, "the KBase auth service does not answer"
             self._auth_seen_at = time.monotonic()
         return True, "ok"
 
-    async def start(self) -> None:
+    def _grpc_server(self) -> grpc.aio.Server:
         s = self.settings
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", s.max_message_size),
                 ("grpc.max_receive_message_length", s.max_message_size),
+                ("grpc.max_metadata_size", s.max_header_size),
+                ("grpc.max_connection_idle_ms", int(s.idle_connection_timeout * 1000)),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ]
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        server.add_generic_rpc_handlers((self.relay,))
+        return server
+
+    async def start(self) -> None:
+        log.info(
+            "data plane: %s",
+            f"Envoy ({self.envoy_binary})" if self.plane == "envoy" else "the gRPC relay",
+        )
+        server = self._grpc_server()
+        if self.plane == "envoy":
+            health_port = server.add_insecure_port("127.0.0.1:0")
+            if health_port == 0:
+                raise ListenError("cannot listen on a loopback port for the health service")
+        else:
+            server.add_generic_rpc_handlers((self.relay,))
+            self.port = self._public_port(server)
+        await server.start()
+        self._server = server
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(
+            "spark.connect.SparkConnectService", health_pb2.HealthCheckResponse.SERVING
+        )
+        try:
+            if self.plane == "envoy":
+                await self._start_envoy(health_port)
+            await self._start_stats()
+        except BaseException:
+            await self._close()
+            raise
+        self._sweeper = asyncio.create_task(self.pool.run_sweeper())
+
+    def _public_port(self, server: grpc.aio.Server) -> int:
+        s = self.settings
         host = f"[{s.listen[0]}]" if ":" in s.listen[0] else s.listen[0]
         address = f"{host}:{s.listen[1]}"
-        if s.data_path == "fast":
-            # the gRPC relay takes the connections the fast path hands off, on loopback only
-            internal = server.add_insecure_port("127.0.0.1:0")
-            if internal == 0:
-                raise ListenError("cannot listen on a loopback port for the gRPC relay")
-            context = None
-            if s.tls_cert is not None and s.tls_key is not None:
-                context = tls_context(s.tls_cert, s.tls_key)
-            self.fastpath = FastPath(
-                authenticator=self.authenticator,
-                router=self.router,
-                sessions=self.sessions,
-                observer=self.stats,
-                internal=("127.0.0.1", internal),
-                connect_timeout=s.connect_timeout,
-                ssl_context=context,
-            )
-            self.stats.connections = self.fastpath.counts
-        elif s.tls_cert is not None and s.tls_key is not None:
+        if s.tls_cert is not None and s.tls_key is not None:
             try:
                 pair = (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
             except OSError as exc:
@@ -178,69 +192,111 @@ class ProxyServer:
             add_port = functools.partial(
                 server.add_secure_port, server_credentials=grpc.ssl_server_credentials([pair])
             )
-            self.port = _add_port(add_port, address)
-        else:
-            self.port = _add_port(server.add_insecure_port, address)
-        await server.start()
-        self._server = server
-        if self.fastpath is not None:
-            try:
-                self.port = await self.fastpath.start(s.listen[0], s.listen[1])
-            except OSError as exc:
-                await server.stop(None)
-                raise ListenError(
-                    f"cannot listen on {address}: {exc.strerror or exc}; the address is in use "
-                    "or not local"
-                ) from None
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(
-            "spark.connect.SparkConnectService", health_pb2.HealthCheckResponse.SERVING
+            return _add_port(add_port, address)
+        return _add_port(server.add_insecure_port, address)
+
+    async def _start_envoy(self, health_port: int) -> None:
+        s = self.settings
+        assert self.envoy_binary is not None
+        self._workdir = workdir = Path(tempfile.mkdtemp(prefix="kbproxy-"))
+        paths = bootstrap.Paths(
+            admin_socket=workdir / "admin.sock",
+            authz_socket=workdir / "authz.sock",
+            health_port=health_port,
         )
-        if s.stats_listen is not None:
-            self._runner = web.AppRunner(stats_app(self.stats, self.ready), access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, s.stats_listen[0], s.stats_listen[1])
-            try:
-                await site.start()
-            except OSError as exc:
-                await server.stop(None)
+        self._authz = AuthzHttp(self.authorizer)
+        await self._authz.start(paths.authz_socket)
+        self.envoy = Envoy(
+            binary=self.envoy_binary,
+            config=bootstrap.bootstrap(s, paths),
+            workdir=workdir,
+            admin_socket=paths.admin_socket,
+            concurrency=s.envoy_concurrency,
+            drain_time=s.drain_grace,
+            on_line=self._access_line,
+        )
+        self.stats.envoy_figures = self.envoy.figures
+        try:
+            await self.envoy.start()
+        except ConfigError:
+            if not await _port_free(s.listen):
                 raise ListenError(
-                    f"cannot listen on {s.stats_listen[0]}:{s.stats_listen[1]} (stats): "
-                    f"{exc.strerror}"
+                    f"cannot listen on {s.listen[0]}:{s.listen[1]}: the address is in use or "
+                    "not local"
                 ) from None
-            self.stats_port = self._runner.addresses[0][1]
-        self._sweeper = asyncio.create_task(self.pool.run_sweeper())
+            raise
+        self.port = await self.envoy.listening_port() or s.listen[1]
+
+    def _access_line(self, line: str) -> None:
+        entry = parse_access_line(line)
+        if entry is None:
+            if line.strip():
+                log.info("envoy: %s", line.strip()[:500])
+            return
+        self.stats.envoy_call(entry)
+
+    async def _start_stats(self) -> None:
+        s = self.settings
+        if s.stats_listen is None:
+            return
+        self._runner = web.AppRunner(stats_app(self.stats, self.ready), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.stats_listen[0], s.stats_listen[1])
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {s.stats_listen[0]}:{s.stats_listen[1]} (stats): {exc.strerror}"
+            ) from None
+        self.stats_port = self._runner.addresses[0][1]
 
     async def drain(self) -> None:
         """Stop accepting calls, let running ones finish within the grace period, then close."""
         if self.draining:
             return
         self.draining = True
-        log.info(
-            "draining: up to %g s for %d running call(s)",
-            self.settings.drain_grace,
-            self.stats.active,
-        )
+        log.info("draining: up to %g s for running calls", self.settings.drain_grace)
         await self.health.enter_graceful_shutdown()
         grace = self.settings.drain_grace
-        stopping = []
-        if self.fastpath is not None:
-            stopping.append(self.fastpath.drain(grace))
+        if self.envoy is not None:
+            await self.envoy.drain(grace)
         if self._server is not None:
-            stopping.append(self._server.stop(grace))
-        await asyncio.gather(*stopping)
+            await self._server.stop(grace if self.envoy is None else 0)
+            self._server = None
+        await self._close()
+        self._stopped.set()
+
+    async def _close(self) -> None:
+        if self.envoy is not None:
+            await self.envoy.stop()
+        if self._server is not None:
+            await self._server.stop(None)
+            self._server = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.pool.close()
         await self.auth_client.aclose()
+        if self._authz is not None:
+            await self._authz.close()
         if self._runner is not None:
             await self._runner.cleanup()
-        self._stopped.set()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+async def _port_free(listen: tuple[str, int]) -> bool:
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(asyncio.Protocol, listen[0], listen[1])
+    except OSError:
+        return False
+    server.close()
+    return True
 
 
 def _add_port(add_port: Callable[[str], int], address: str) -> int:

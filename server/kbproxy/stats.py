@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -28,9 +29,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from kbproxy.auth import Authenticator
+from kbproxy.dataplane import AccessEntry
+from kbproxy.policy import HEALTH_PREFIX, spark_method
 from kbproxy.pool import ChannelPool
-from kbproxy.relay import CallObserver, CallRecord
-from kbproxy.routing import SessionRoutes
+from kbproxy.reasons import reason_of
+from kbproxy.relay import KNOWN_METHODS, CallObserver, CallRecord
 
 access_log = logging.getLogger("kbproxy.access")
 
@@ -38,19 +41,18 @@ access_log = logging.getLogger("kbproxy.access")
 class Stats(CallObserver):
     """Counters of the relay's calls, mirrored as Prometheus metrics."""
 
-    def __init__(
-        self, *, authenticator: Authenticator, pool: ChannelPool, sessions: SessionRoutes
-    ) -> None:
+    def __init__(self, *, authenticator: Authenticator, pool: ChannelPool) -> None:
         self.authenticator = authenticator
         self.pool = pool
-        self.sessions = sessions
         self.started_at = time.time()
         self.active = 0
         self.active_by_user: Counter[str] = Counter()
         self.calls: Counter[tuple[str, str]] = Counter()
         self.bytes_in = 0
         self.bytes_out = 0
-        self.connections: Callable[[], dict[str, int]] | None = None
+        self.refusals: Counter[str] = Counter()
+        self.envoy_figures: Callable[[], Awaitable[dict[str, int]]] | None = None
+        self.envoy: dict[str, int] | None = None
         self.registry = CollectorRegistry()
         self._duration = Histogram(
             "kbproxy_call_duration_seconds",
@@ -61,7 +63,7 @@ class Stats(CallObserver):
         )
         self._durations: dict[str, Any] = {}
         Gauge("kbproxy_active_calls", "Calls in progress", registry=self.registry).set_function(
-            lambda: self.active
+            lambda: self.active_calls
         )
         self.registry.register(_Snapshot(self))
 
@@ -77,11 +79,32 @@ class Stats(CallObserver):
                 self.active_by_user[user] = left
             else:
                 del self.active_by_user[user]
-        method, code = record.method, record.code.name
+        self._count(record, time.monotonic() - record.started)
+
+    def envoy_call(self, entry: AccessEntry) -> None:
+        """A call Envoy relayed or refused (one line of its access log)."""
+        if entry.path.startswith(HEALTH_PREFIX):
+            return
+        code = _code(entry.grpc_status, entry.http_status, entry.flags)
+        record = CallRecord(
+            method=spark_method(entry.path) or entry.path,
+            user=entry.user,
+            backend=entry.backend,
+            code=code,
+            bytes_in=entry.bytes_in,
+            bytes_out=entry.bytes_out,
+            details=entry.message if code != grpc.StatusCode.OK else "",
+        )
+        self._count(record, entry.duration_ms / 1000)
+
+    def _count(self, record: CallRecord, duration: float) -> None:
+        method = record.method if record.method in KNOWN_METHODS else "other"
+        code = record.code.name
         self.calls[(method, code)] += 1
         self.bytes_in += record.bytes_in
         self.bytes_out += record.bytes_out
-        duration = time.monotonic() - record.started
+        if record.details and (reason := reason_of(record.details)) is not None:
+            self.refusals[reason.value] += 1
         histogram = self._durations.get(method)
         if histogram is None:
             histogram = self._durations[method] = self._duration.labels(method)
@@ -92,6 +115,17 @@ class Stats(CallObserver):
     def routed(self, record: CallRecord) -> None:
         self.active_by_user[record.user] += 1
 
+    async def refresh(self) -> None:
+        """Read Envoy's figures (if it is the data plane) before a snapshot or a scrape."""
+        if self.envoy_figures is not None:
+            self.envoy = await self.envoy_figures()
+
+    @property
+    def active_calls(self) -> int:
+        if self.envoy is not None:
+            return self.envoy.get("upstream_calls_active", 0)
+        return self.active
+
     def snapshot(self) -> dict[str, Any]:
         auth = self.authenticator.counters
         by_method: dict[str, dict[str, int]] = {}
@@ -99,7 +133,7 @@ class Stats(CallObserver):
             by_method.setdefault(method, {})[code] = count
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
-            "active_calls": self.active,
+            "active_calls": self.active_calls,
             "active_calls_by_user": dict(self.active_by_user),
             "calls": by_method,
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
@@ -117,31 +151,30 @@ class Stats(CallObserver):
                 "created": self.pool.created,
                 "closed": self.pool.closed,
             },
-            "sessions": len(self.sessions),
-            "connections": self.connections() if self.connections is not None else None,
+            "refusals": dict(self.refusals),
+            "envoy": self.envoy,
         }
 
 
 def _log_call(record: CallRecord, code: str, duration: float) -> None:
+    method = record.method if record.method.isidentifier() else repr(record.method[:200])
     fields: dict[str, Any] = {
         "user": record.user,
-        "method": record.method,
+        "method": record.method[:200],
         "code": code,
         "duration_ms": round(duration * 1000, 1),
         "bytes_in": record.bytes_in,
         "bytes_out": record.bytes_out,
         "backend": record.backend,
     }
-    if record.by_session:
-        fields["routed_by"] = "session"
-    error = " routed_by=session" if record.by_session else ""
+    error = ""
     if code != "OK" and record.details:
         fields["details"] = record.details[:300]
         error += " details=" + repr(fields["details"])
     access_log.info(
         "%s %s %s %.1fms in=%d out=%d backend=%s%s",
         record.user,
-        record.method,
+        method,
         code,
         fields["duration_ms"],
         record.bytes_in,
@@ -194,27 +227,34 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(
             "kbproxy_pool_channels", "Backend channels", value=len(self.stats.pool)
         )
+        refused = CounterMetricFamily(
+            "kbproxy_refusals", "Calls refused by kbproxy or Envoy", labels=["reason"]
+        )
+        for reason, count in sorted(self.stats.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        for name, value in sorted((self.stats.envoy or {}).items()):
+            yield GaugeMetricFamily(f"kbproxy_envoy_{name}", f"Envoy: {name}", value=value)
         yield GaugeMetricFamily(
             "kbproxy_active_users",
             "Users with calls in progress",
             value=len(self.stats.active_by_user),
         )
-        if self.stats.connections is not None:
-            counts = self.stats.connections()
-            open_now = GaugeMetricFamily(
-                "kbproxy_client_connections",
-                "Client connections: bound to a user's server, handed to the gRPC relay",
-                labels=["state"],
-            )
-            open_now.add_metric(["bound"], counts["bound"])
-            open_now.add_metric(["handed_off"], counts["handed_off"])
-            open_now.add_metric(["other"], counts["open"] - counts["bound"] - counts["handed_off"])
-            yield open_now
-        yield GaugeMetricFamily(
-            "kbproxy_sessions",
-            "Sessions remembered for FetchErrorDetails",
-            value=len(self.stats.sessions),
-        )
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_HTTP_CODES = {401: grpc.StatusCode.UNAUTHENTICATED}
+
+
+_CLIENT_WENT_AWAY = ("DR", "DC")  # Envoy's flags: downstream reset, connection closed
+
+
+def _code(grpc_status: int | None, http_status: int, flags: str) -> grpc.StatusCode:
+    if grpc_status is not None:
+        return _CODES.get(grpc_status, grpc.StatusCode.UNKNOWN)
+    if http_status == 0 or any(flag in flags.split(",") for flag in _CLIENT_WENT_AWAY):
+        return grpc.StatusCode.CANCELLED
+    return _HTTP_CODES.get(http_status, grpc.StatusCode.UNKNOWN)
 
 
 ReadyCheck = Callable[[], Awaitable[tuple[bool, str]]]
@@ -233,9 +273,11 @@ def stats_app(stats: Stats, ready: ReadyCheck) -> web.Application:
         )
 
     async def stats_json(request: web.Request) -> web.Response:
+        await stats.refresh()
         return web.json_response(stats.snapshot())
 
     async def metrics(request: web.Request) -> web.Response:
+        await stats.refresh()
         body = generate_latest(stats.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

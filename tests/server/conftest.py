@@ -18,29 +18,40 @@ from testbed.spark import SparkConnectServer
 SERVICE = "/spark.connect.SparkConnectService/"
 UNREACHABLE = "127.0.0.1:1"  # users not in the backend map: nothing listens there
 
-# The data planes the harnesses (ingress, many users, hostile, long names) run kbproxy with:
-# name -> extra `kbproxy serve` args. The one place to switch them to another data plane.
-DATA_PLANES: dict[str, list[str]] = {"grpc": ["--data-path", "grpc"]}
+DATA_PLANES = ("envoy", "grpc")
 
 
-@pytest.fixture(params=sorted(DATA_PLANES))
-def kbproxy_data_plane(request: pytest.FixtureRequest) -> list[str]:
-    """The extra `kbproxy serve` args of the data plane under test (one run per DATA_PLANES)."""
-    return list(DATA_PLANES[request.param])
+@pytest.fixture(params=DATA_PLANES)
+def data_plane(request: pytest.FixtureRequest) -> str:
+    """Each test that starts its own kbproxy runs on both data planes."""
+    plane: str = request.param
+    return plane
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
+def kbproxy_data_plane(data_plane: str) -> list[str]:
+    """The extra `kbproxy serve` args of the data plane under test (the harnesses of ingress,
+    many users, hostile input and long names take these)."""
+    return ["--data-plane", data_plane]
+
+
+@pytest.fixture(scope="session", params=DATA_PLANES)
 def kbproxy(
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     spark_servers: list[SparkConnectServer],
     dev_auth_session: DevAuthServer,
 ) -> Iterator[KbproxyServer]:
-    """kbproxy routing alice and bob to their own servers; any other user to a closed port."""
+    """kbproxy routing alice and bob to their own servers; any other user to a closed port.
+
+    Parametrized: every test using it runs on the Envoy data plane and on the gRPC relay.
+    """
     server = start_kbproxy(
-        tmp_path_factory.mktemp("kbproxy"),
+        tmp_path_factory.mktemp(f"kbproxy-{request.param}"),
         auth_url=dev_auth_session.url,
         backend_template=UNREACHABLE,
         backend_map={"alice": spark_servers[0].address, "bob": spark_servers[1].address},
+        data_plane=request.param,
         extra_args=["--auth-timeout", "1", "--connect-timeout", "1"],
     )
     try:

@@ -1,4 +1,4 @@
-"""The proxy's I/O-free core: routing, the wire reader, the token cache and policy, metadata."""
+"""The proxy's I/O-free core: routing, the call policy, the token cache, metadata, settings."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import grpc
 import pytest
 from kbproxy.auth import Authenticator, Identity, MfaPolicy, TokenCache, token_key
 from kbproxy.errors import AuthUnavailable, ConfigError, PermissionDenied, Unauthenticated
-from kbproxy.relay import forwardable, token_of
-from kbproxy.routing import Router, SessionRoute, SessionRoutes, load_backend_map
-from kbproxy.wire import RequestIds, read_request_ids
+from kbproxy.policy import Allow, Deny, credentials, decide, forwardable
+from kbproxy.reasons import Reason, reason_of
+from kbproxy.routing import Router, load_backend_map
 
 
 def test_router_fills_the_template_with_the_users_slug() -> None:
@@ -53,60 +53,6 @@ def test_backend_map_file(tmp_path: Path) -> None:
         load_backend_map(path)
     with pytest.raises(ConfigError, match="cannot read backend map"):
         load_backend_map(tmp_path / "missing.json")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def test_wire_reader_finds_session_and_user_among_other_fields() -> None:
-    user_context = _field(2, b"Alice A.") + _field(1, b"alice")
-    message = (
-        _varint(5 << 3 | 0)
-        + _varint(300)  # a varint field first
-        + _field(1, b"6f1b0c9e-session")
-        + _field(2, user_context)
-        + _field(3, b"x" * 1000)
-    )
-    assert read_request_ids(message) == RequestIds("6f1b0c9e-session", "alice")
-
-
-def test_wire_reader_matches_pyspark_messages() -> None:
-    from pyspark.sql.connect.proto import base_pb2
-
-    request = base_pb2.FetchErrorDetailsRequest(
-        session_id="abc", user_context=base_pb2.UserContext(user_id="bob"), error_id="e1"
-    )
-    assert read_request_ids(request.SerializeToString()) == RequestIds("abc", "bob")
-
-
-@pytest.mark.parametrize("data", [b"", b"\x0a\xff", b"\x0a\x05ab", b"\x0b", b"\xff" * 12])
-def test_wire_reader_never_raises_on_garbage(data: bytes) -> None:
-    assert read_request_ids(data).session_id is None
-
-
-def test_session_routes_bind_a_session_to_its_first_user() -> None:
-    now = [0.0]
-    routes = SessionRoutes(max_size=2, ttl=10, clock=lambda: now[0])
-    alice = SessionRoute("alice", "alice", "a:1")
-    assert routes.record("s1", alice)
-    assert not routes.record("s1", SessionRoute("bob", "bob", "b:1"))
-    assert routes.lookup("s1") == alice
-    now[0] = 11
-    assert routes.lookup("s1") is None
-    routes.record("s1", alice)
-    routes.record("s2", alice)
-    routes.record("s3", alice)
-    assert len(routes) == 2 and routes.lookup("s1") is None
 
 
 def _identity(*, mfa: str = "Used", cachefor_ms: int = 300_000, expires_ms: int) -> Identity:
@@ -225,8 +171,57 @@ async def test_mfa_policy() -> None:
         ([], None),
     ],
 )
-def test_token_of(metadata: list[tuple[str, str]], token: str | None) -> None:
-    assert token_of(metadata) == token
+def test_credentials(metadata: list[tuple[str, str]], token: str | None) -> None:
+    found = credentials(metadata)
+    if token is None:
+        assert isinstance(found, Deny) and found.reason is Reason.NO_TOKEN
+        assert found.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "x-kbase-token" in found.message
+    else:
+        assert found == token
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        [("x-kbase-token", "t\u00f6ken")],
+        [("x-kbase-token", "tok\x00en")],
+        [("authorization", "Bearer \u00e9t\u00e9")],
+        [("x-kbase-token", b"\xff\xfe")],
+    ],
+)
+def test_garbage_tokens_are_invalid_without_asking_auth2(
+    metadata: list[tuple[str, str | bytes]],
+) -> None:
+    found = credentials(metadata)
+    assert isinstance(found, Deny) and found.reason is Reason.TOKEN_INVALID
+    assert found.message.startswith("[kbproxy:TOKEN_INVALID] ")
+
+
+def test_decide_routes_by_the_validated_user_only() -> None:
+    router = Router(template="{username}.svc:15002", backend_map={"alice": "127.0.0.1:7001"})
+    allow = decide(Identity("alice", "Used", "Login", 10**14, 1), router)
+    assert allow == Allow(
+        "alice",
+        "127.0.0.1:7001",
+        (("x-kbproxy-backend", "127.0.0.1:7001"), ("x-kbproxy-user", "alice")),
+    )
+    refused = decide(PermissionDenied("needs MFA"), router)
+    assert isinstance(refused, Deny) and refused.reason is Reason.MFA_REQUIRED
+    assert refused.http_status == 403
+    draining = decide(Identity("alice", "Used", "Login", 10**14, 1), router, draining=True)
+    assert isinstance(draining, Deny) and draining.reason is Reason.DRAINING
+    assert draining.http_status == 429  # Envoy: UNAVAILABLE (an authorizer's 5xx is its error)
+
+
+def test_every_reason_tags_its_message_and_is_read_back() -> None:
+    for reason in Reason:
+        message = reason.tag("what to do")
+        assert message == f"[kbproxy:{reason.value}] what to do"
+        assert reason_of(message) is reason
+    assert reason_of("no code here") is None
+    assert str(Unauthenticated("x")).startswith("[kbproxy:TOKEN_INVALID] ")
+    assert str(AuthUnavailable("x")).startswith("[kbproxy:AUTH_UNAVAILABLE] ")
 
 
 def test_forwarded_metadata_keeps_the_token_and_drops_transport_headers() -> None:
@@ -238,6 +233,7 @@ def test_forwarded_metadata_keeps_the_token_and_drops_transport_headers() -> Non
         ("grpc-accept-encoding", "gzip"),
         ("grpc-status-details-bin", b"\x08\x03"),
         ("x-custom-bin", b"\x00"),
+        ("x-kbproxy-backend", "elsewhere:1"),
     ]
     assert forwardable(metadata) == [
         ("x-kbase-token", "T"),

@@ -37,12 +37,13 @@ def held_backend() -> Iterator[tuple[HeldBackend, int]]:
 
 
 def test_drain_reports_not_serving_refuses_new_calls_and_finishes_running_ones(
-    tmp_path: Path, dev_auth: DevAuthServer, held_backend: tuple[HeldBackend, int]
+    tmp_path: Path, data_plane: str, dev_auth: DevAuthServer, held_backend: tuple[HeldBackend, int]
 ) -> None:
     backend, port = held_backend
     proxy = start_kbproxy(
         tmp_path,
         auth_url=dev_auth.url,
+        data_plane=data_plane,
         backend_map={"alice": f"127.0.0.1:{port}"},
         extra_args=["--drain-grace", "30"],
     )

@@ -1,12 +1,18 @@
-"""Errors a user can act on, Auth2 trouble, caching, token-less FetchErrorDetails, visibility."""
+"""Errors a user can act on, Auth2 trouble, caching, token-less calls, visibility.
+
+Every test runs on both data planes (the ``kbproxy`` fixture is parametrized).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import secrets
+import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import unquote
 
 import grpc
 import httpx
@@ -23,7 +29,7 @@ from tests.conftest import (
     NOMFA_TOKEN,
     TEST_TOKENS,
 )
-from tests.server.conftest import config_port, config_request, raw_call
+from tests.server.conftest import SERVICE, config_port, config_request, raw_call
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +82,11 @@ def test_unreachable_backend_is_unavailable_naming_the_server(
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     assert "user dave (127.0.0.1:1)" in error.details()
     assert "retry" in error.details()
+    assert error.details().startswith("[kbproxy:BACKEND_UNAVAILABLE] ")
+    deadline = time.monotonic() + 10  # Envoy's access log reaches kbproxy a moment later
+    while kbproxy.stats()["refusals"].get("BACKEND_UNAVAILABLE", 0) < 1:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, kbproxy.stats()["refusals"]
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -93,9 +104,14 @@ def test_auth2_failing_or_slow_is_unavailable(
     assert reason in error.details()
 
 
-def test_auth2_down_is_unavailable(tmp_path: Path, spark_server: SparkConnectServer) -> None:
+def test_auth2_down_is_unavailable(
+    tmp_path: Path, data_plane: str, spark_server: SparkConnectServer
+) -> None:
     proxy = start_kbproxy(
-        tmp_path, auth_url="http://127.0.0.1:1/", backend_map={"alice": spark_server.address}
+        tmp_path,
+        auth_url="http://127.0.0.1:1/",
+        backend_map={"alice": spark_server.address},
+        data_plane=data_plane,
     )
     try:
         error = _status(proxy, ALICE_TOKEN)
@@ -133,57 +149,74 @@ def test_concurrent_cold_calls_make_one_auth2_request(
     assert kbproxy.stats()["auth"]["single_flight_joins"] > joins_before  # type: ignore[index]
 
 
-def test_fetch_error_details_without_token_follows_its_session(
+def test_tokenless_fetch_error_details_is_refused_like_any_call(
     kbproxy: KbproxyServer, spark_servers: list[SparkConnectServer]
 ) -> None:
     from pyspark.sql.connect.proto import base_pb2
 
     session = str(uuid.uuid4())
     raw_call(kbproxy.address, "Config", config_request(session, "alice"), token=ALICE_TOKEN)
-
-    def fetch(session_id: str, user_id: str) -> bytes:
-        request = base_pb2.FetchErrorDetailsRequest(
-            session_id=session_id,
-            user_context=base_pb2.UserContext(user_id=user_id),
-            error_id=str(uuid.uuid4()),
-        )
-        return raw_call(kbproxy.address, "FetchErrorDetails", request.SerializeToString())
-
-    # alice's server answers (an unknown error id has no details: an empty response).
-    assert base_pb2.FetchErrorDetailsResponse.FromString(fetch(session, "alice")).errors == []
-    assert "alice FetchErrorDetails OK" in kbproxy.child.log_text()
-    assert "routed_by=session" in kbproxy.child.log_text()
-    for session_id, user_id in ((str(uuid.uuid4()), "alice"), (session, "bob")):
-        with pytest.raises(grpc.RpcError) as caught:
-            fetch(session_id, user_id)
-        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    request = base_pb2.FetchErrorDetailsRequest(
+        session_id=session, user_context=base_pb2.UserContext(user_id="alice"), error_id="e"
+    )
+    # the session of alice's earlier call routes nothing: no token, no call
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(kbproxy.address, "FetchErrorDetails", request.SerializeToString())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.details().startswith("[kbproxy:NO_TOKEN] ")
 
 
-def test_a_session_id_stays_with_its_first_user(
+def _curl_grpc(address: str, headers: list[bytes]) -> dict[str, str]:
+    """One gRPC call sent by curl (gRPC clients refuse non-ASCII metadata); status headers."""
+    curl = shutil.which("curl")
+    assert curl, "this test needs curl (apt-get install curl)"
+    argv = [curl, "-sS", "-v", "--http2-prior-knowledge", "--data-binary", "@-"]
+    argv += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+    for header in headers:
+        argv += [b"-H", header]  # type: ignore[list-item]
+    argv.append(f"http://{address}{SERVICE}Config")
+    run = subprocess.run(argv, input=b"\0\0\0\0\0", capture_output=True, timeout=30)
+    found: dict[str, str] = {}
+    for line in run.stderr.decode("utf-8", "replace").splitlines():
+        key, _, value = line.removeprefix("< ").partition(": ")
+        if key in ("grpc-status", "grpc-message"):
+            found[key] = unquote(value.strip())
+    return found
+
+
+@pytest.mark.parametrize(
+    "header", ["x-kbase-token: t\u00f6ken", "authorization: Bearer \u00e9t\u00e9"]
+)
+def test_a_non_ascii_token_is_unauthenticated(kbproxy: KbproxyServer, header: str) -> None:
+    status = _curl_grpc(kbproxy.address, [header.encode("utf-8")])
+    assert status.get("grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0]), status
+    assert status["grpc-message"].startswith("[kbproxy:TOKEN_INVALID] "), status
+
+
+def test_a_client_sent_backend_header_cannot_route_elsewhere(
     kbproxy: KbproxyServer, spark_servers: list[SparkConnectServer]
 ) -> None:
-    session = str(uuid.uuid4())
-    raw_call(kbproxy.address, "Config", config_request(session, "alice"), token=ALICE_TOKEN)
-    # bob reuses alice's session id: his call goes to his own server ...
+    # bob names alice's server (and alice) in kbproxy's routing headers: he still reaches his own
     response = raw_call(
-        kbproxy.address, "Config", config_request(session, "alice"), token=BOB_TOKEN
+        kbproxy.address,
+        "Config",
+        config_request(user_id="bob"),
+        token=BOB_TOKEN,
+        metadata=(
+            ("x-kbproxy-backend", spark_servers[0].address),
+            ("x-kbproxy-user", "alice"),
+        ),
     )
     assert config_port(response) == spark_servers[1].port
-    # ... and the session still routes token-less calls to alice's server only.
-    line = _tokenless_fetch_log_line(kbproxy, session)
-    assert " alice FetchErrorDetails OK " in line
-    assert f"backend={spark_servers[0].address}" in line
 
 
-def _tokenless_fetch_log_line(proxy: KbproxyServer, session: str) -> str:
-    from pyspark.sql.connect.proto import base_pb2
-
-    request = base_pb2.FetchErrorDetailsRequest(
-        session_id=session, user_context=base_pb2.UserContext(user_id="alice"), error_id="x"
-    )
-    raw_call(proxy.address, "FetchErrorDetails", request.SerializeToString())
-    lines = [line for line in proxy.child.log_text().splitlines() if "FetchErrorDetails" in line]
-    return lines[-1]
+def test_unknown_service_is_unimplemented_with_its_reason(kbproxy: KbproxyServer) -> None:
+    with grpc.insecure_channel(kbproxy.address) as channel:
+        other = channel.unary_unary("/other.Service/Method")
+        with pytest.raises(grpc.RpcError) as caught:
+            other(b"", metadata=(("x-kbase-token", ALICE_TOKEN),), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.details().startswith("[kbproxy:UNKNOWN_SERVICE] ")
 
 
 def test_methods_of_the_service_are_relayed_whatever_their_name(kbproxy: KbproxyServer) -> None:
@@ -232,7 +265,8 @@ def test_client_deadline_reaches_the_backend(kbproxy: KbproxyServer) -> None:
 
 
 def test_health_stats_and_metrics(kbproxy: KbproxyServer) -> None:
-    raw_call(kbproxy.address, "Config", config_request(), token=ALICE_TOKEN)
+    for _ in range(2):  # the second call is a cache hit
+        raw_call(kbproxy.address, "Config", config_request(), token=ALICE_TOKEN)
     with grpc.insecure_channel(kbproxy.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -242,17 +276,23 @@ def test_health_stats_and_metrics(kbproxy: KbproxyServer) -> None:
     stats = kbproxy.stats()
     assert stats["calls"]["Config"]["OK"] >= 1  # type: ignore[index]
     assert stats["auth"]["cache_hits"] >= 1  # type: ignore[index]
-    assert stats["pool"]["channels"] >= 1  # type: ignore[index]
-    assert {"active_calls_by_user", "bytes", "sessions"} <= set(stats)
+    if kbproxy.data_plane == "grpc":
+        assert stats["pool"]["channels"] >= 1  # type: ignore[index]
+    else:
+        assert stats["envoy"]["upstream_connections_total"] >= 1  # type: ignore[index]
+        assert stats["envoy"]["client_connections_total"] >= 1  # type: ignore[index]
+    assert {"active_calls_by_user", "bytes", "refusals"} <= set(stats)
     metrics = httpx.get(kbproxy.stats_url + "metrics", timeout=5).text
     assert 'kbproxy_calls_total{code="OK",method="Config"}' in metrics
     assert "kbproxy_auth2_requests_total" in metrics
     assert "kbproxy_pool_channels" in metrics
+    if kbproxy.data_plane == "envoy":
+        assert "kbproxy_envoy_upstream_connections_active" in metrics
 
 
 def test_tokens_never_appear_in_logs_stats_or_metrics(kbproxy: KbproxyServer) -> None:
     outputs = [
-        kbproxy.child.log_text(),
+        kbproxy.wait_for_log(lambda text: "Config OK" in text),
         httpx.get(kbproxy.stats_url + "stats", timeout=5).text,
         httpx.get(kbproxy.stats_url + "metrics", timeout=5).text,
     ]

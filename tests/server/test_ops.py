@@ -47,6 +47,7 @@ def recording_backend() -> Iterator[tuple[RecordingBackend, int]]:
 
 def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
     tmp_path: Path,
+    data_plane: str,
     dev_auth: DevAuthServer,
     spark_server: SparkConnectServer,
     recording_backend: tuple[RecordingBackend, int],
@@ -55,6 +56,7 @@ def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
     proxy = start_kbproxy(
         tmp_path,
         auth_url=dev_auth.url,
+        data_plane=data_plane,
         backend_map={"alice": spark_server.address, "bob": f"127.0.0.1:{port}"},
         extra_args=["--log-format", "json"],
     )
@@ -68,15 +70,23 @@ def test_alices_token_never_reaches_bobs_server_and_logs_are_json(
                 "Config",
                 config_request(user_id="bob"),
                 token=ALICE_TOKEN,
-                metadata=(("user_id", "bob"), ("x-kbase-user", "bob")),
+                metadata=(
+                    ("user_id", "bob"),
+                    ("x-kbase-user", "bob"),
+                    ("x-kbproxy-user", "bob"),
+                    ("x-kbproxy-backend", f"127.0.0.1:{port}"),
+                ),
             )
         assert len(recorder.metadata) == 3
         for metadata in recorder.metadata:
             assert metadata["x-kbase-token"] == BOB_TOKEN
             assert ALICE_TOKEN not in json.dumps(metadata, default=str)
+            # routing headers, the authorizer's or a client's, never reach a backend
+            assert not [key for key in metadata if key.startswith("x-kbproxy-")]
+        text = proxy.wait_for_log(lambda text: text.count('"kbproxy.access"') >= 9)
         access = [
             json.loads(line)
-            for line in proxy.child.log_text().splitlines()
+            for line in text.splitlines()
             if line.startswith("{") and '"kbproxy.access"' in line
         ]
         assert len(access) == 9, "\n".join(a["message"] for a in access)
@@ -106,7 +116,7 @@ def _execute_plan(query: str, user_id: str) -> bytes:
 
 
 def test_backend_stopped_mid_stream_fails_that_call_only(
-    tmp_path: Path, dev_auth: DevAuthServer, spark_server: SparkConnectServer
+    tmp_path: Path, data_plane: str, dev_auth: DevAuthServer, spark_server: SparkConnectServer
 ) -> None:
     erin_server = start_spark_connect(tmp_path / "erin-spark", driver_memory="512m")
     token = secrets.token_hex(16)
@@ -114,6 +124,7 @@ def test_backend_stopped_mid_stream_fails_that_call_only(
     proxy = start_kbproxy(
         tmp_path / "proxy",
         auth_url=dev_auth.url,
+        data_plane=data_plane,
         backend_map={"alice": spark_server.address, "erin": erin_server.address},
     )
     try:
@@ -142,7 +153,7 @@ def test_backend_stopped_mid_stream_fails_that_call_only(
 
 
 def test_tls_listener(
-    tmp_path: Path, dev_auth: DevAuthServer, spark_server: SparkConnectServer
+    tmp_path: Path, data_plane: str, dev_auth: DevAuthServer, spark_server: SparkConnectServer
 ) -> None:
     import trustme
 
@@ -154,6 +165,7 @@ def test_tls_listener(
     proxy = start_kbproxy(
         tmp_path / "proxy",
         auth_url=dev_auth.url,
+        data_plane=data_plane,
         backend_map={"alice": spark_server.address},
         tls=(chain, key),
     )
@@ -168,11 +180,12 @@ def test_tls_listener(
 
 
 def test_sigterm_lets_running_calls_finish(
-    tmp_path: Path, dev_auth: DevAuthServer, spark_server: SparkConnectServer
+    tmp_path: Path, data_plane: str, dev_auth: DevAuthServer, spark_server: SparkConnectServer
 ) -> None:
     proxy = start_kbproxy(
         tmp_path,
         auth_url=dev_auth.url,
+        data_plane=data_plane,
         backend_map={"alice": spark_server.address},
         extra_args=["--drain-grace", "30"],
     )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -211,3 +213,33 @@ def test_uvloop_asked_for_but_missing_says_what_to_do(monkeypatch: pytest.Monkey
 
     run_event_loop(fallback(), "auto")
     assert seen == ["asyncio"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _operators_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text.split("## For operators: kbproxy", 1)[1].split("\n### ", 1)[0]
+
+
+def test_readme_flag_table_and_helm_values_match_the_settings_table() -> None:
+    from kbproxy.settings import OPTIONS
+
+    rows = [line for line in _operators_section().splitlines() if line.startswith("| `--")]
+    flags = {f for row in rows for f in re.findall(r"`(--[a-z-]+)", row.split(" | ")[0])}
+    variables = {v for row in rows for v in re.findall(r"KBPROXY_[A-Z_]+", row.split(" | ")[1])}
+    declared = {option.flag for option in OPTIONS}
+    assert flags - {"--no-require-mfa"} == declared
+    assert variables == {option.variable for option in OPTIONS}
+    values = (ROOT / "packaging/helm/kbproxy/values.yaml").read_text(encoding="utf-8")
+    assert set(re.findall(r"KBPROXY_[A-Z_]+", values)) == {option.variable for option in OPTIONS}
+
+
+def test_settings_has_one_field_per_option_with_its_default() -> None:
+    import dataclasses
+
+    from kbproxy.settings import OPTIONS, Settings
+
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    assert fields == {option.field: option.default for option in OPTIONS}

@@ -116,7 +116,7 @@ def test_stop_without_unimplemented_warnings(
     with spark_session(proxy_url(kbproxy, ALICE_TOKEN)) as spark:
         spark.range(1).collect()
     assert "UNIMPLEMENTED" not in caplog.text
-    assert "ReleaseSession OK" in kbproxy.child.log_text()
+    kbproxy.wait_for_log(lambda text: "ReleaseSession OK" in text)
 
 
 def test_messages_beyond_grpcs_4_mib_default_pass_both_ways(alice: Any) -> None:
