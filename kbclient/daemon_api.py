@@ -102,6 +102,9 @@ class ErrorCode(str, enum.Enum):
     S3_PROXY_ERROR = ("S3_PROXY_ERROR", 500, ExitCode.ERROR)
     AUTOSTART_FAILED = ("AUTOSTART_FAILED", 500, ExitCode.ERROR)
     DAEMON_ERROR = ("DAEMON_ERROR", 500, ExitCode.ERROR)
+    S3_KEYS_ERROR = ("S3_KEYS_ERROR", 500, ExitCode.ERROR)
+    S3_KEYS_UNAVAILABLE = ("S3_KEYS_UNAVAILABLE", 503, ExitCode.ERROR)
+    S3_ACCESS_DENIED = ("S3_ACCESS_DENIED", 403, ExitCode.INVALID_TOKEN)
 
     @classmethod
     def named(cls, value: object) -> ErrorCode | None:

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbdaemon import exitcodes
+from kbclient.daemon_api import ErrorCode
 from kbdaemon.errors import KBDaemonError
 
 __all__ = [
@@ -54,28 +54,25 @@ log = logging.getLogger(__name__)
 class S3KeysError(KBDaemonError):
     """The S3 keys cannot be had; the subclass says why and what to do."""
 
-    code = "S3_KEYS_ERROR"
+    code = ErrorCode.S3_KEYS_ERROR
 
 
 class S3KeysUnavailableError(S3KeysError):
     """The governance service cannot be reached or failed: try again later."""
 
-    code = "S3_KEYS_UNAVAILABLE"
-    exit_code = exitcodes.ERROR
+    code = ErrorCode.S3_KEYS_UNAVAILABLE
 
 
 class S3KeysTokenRejectedError(S3KeysError):
     """The service says the KBase token is invalid or expired: log in again."""
 
-    code = "INVALID_TOKEN"
-    exit_code = exitcodes.INVALID_TOKEN
+    code = ErrorCode.INVALID_TOKEN
 
 
 class S3AccessDeniedError(S3KeysError):
     """The token is valid but its account may not use the data lake (a role is missing)."""
 
-    code = "S3_ACCESS_DENIED"
-    exit_code = exitcodes.INVALID_TOKEN
+    code = ErrorCode.S3_ACCESS_DENIED
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import enum
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import ClassVar, Protocol
+from typing import Protocol
 from urllib.parse import quote
 
 import grpc
@@ -32,19 +32,20 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from kbproxy.errors import ProxyError
+from kbproxy.reasons import Reason
 
-BACKEND_STARTING = "BACKEND_STARTING"
-BACKEND_SPAWN_FAILED = "BACKEND_SPAWN_FAILED"
-BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
-HUB_UNAVAILABLE = "HUB_UNAVAILABLE"
-HUB_USER_UNKNOWN = "HUB_USER_UNKNOWN"
-HUB_FORBIDDEN = "HUB_FORBIDDEN"
+BACKEND_STARTING = Reason.BACKEND_STARTING.value
+BACKEND_SPAWN_FAILED = Reason.BACKEND_SPAWN_FAILED.value
+BACKEND_UNAVAILABLE = Reason.BACKEND_UNAVAILABLE.value
+HUB_UNAVAILABLE = Reason.HUB_UNAVAILABLE.value
+HUB_USER_UNKNOWN = Reason.HUB_USER_UNKNOWN.value
+HUB_FORBIDDEN = Reason.HUB_FORBIDDEN.value
 SERVICE_SCOPES = ("servers", "users:activity", "read:users", "access:servers")
 
 
 def tagged(reason: str, sentence: str) -> str:
     """A refusal message as sent: ``[kbproxy:REASON] sentence``."""
-    return f"[kbproxy:{reason}] {sentence}"
+    return Reason(reason).tag(sentence)
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,10 @@ class Refusal:
 class HubError(ProxyError):
     """The hub refused or failed a request; ``reason`` is the refusal's code."""
 
-    reason: ClassVar[str] = HUB_UNAVAILABLE
-    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = Reason.HUB_UNAVAILABLE
 
     def refusal(self) -> Refusal:
-        return Refusal(self.code, self.reason, tagged(self.reason, str(self)))
+        return Refusal(self.code, self.reason.value, str(self))
 
 
 class HubUnavailable(HubError):
@@ -74,21 +74,19 @@ class HubUnavailable(HubError):
 class HubForbidden(HubError):
     """The hub refused kbproxy's service token or a scope it lacks: the operator must fix it."""
 
-    reason = HUB_FORBIDDEN
-    code = grpc.StatusCode.INTERNAL
+    default_reason = Reason.HUB_FORBIDDEN
 
 
 class HubUserUnknown(HubError):
     """The hub has no such user: the user logs in to the hub once."""
 
-    reason = HUB_USER_UNKNOWN
-    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = Reason.HUB_USER_UNKNOWN
 
 
 class SpawnFailed(HubError):
     """The hub tried to start the server and the spawn failed (the hub's message)."""
 
-    reason = BACKEND_SPAWN_FAILED
+    default_reason = Reason.BACKEND_SPAWN_FAILED
 
 
 class StartAnswer(enum.Enum):

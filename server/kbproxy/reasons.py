@@ -13,6 +13,10 @@ Envoy turns into that gRPC status when the refusal is an ext_authz denial or a l
     BACKEND_LOST, DRAINING, OVERLOADED       UNAVAILABLE       retry (pyspark does)
     UNKNOWN_SERVICE                          UNIMPLEMENTED     not a Spark Connect call
     CONFIG                                   INTERNAL          the operator must fix kbproxy
+    BACKEND_STARTING, BACKEND_SPAWN_FAILED,
+    HUB_UNAVAILABLE                          UNAVAILABLE       the hub starts the server: wait
+    HUB_USER_UNKNOWN                         PERMISSION_DENIED log in to the hub once
+    HUB_FORBIDDEN                            INTERNAL          the operator must fix the hub token
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ class Reason(enum.Enum):
     DRAINING = "DRAINING"
     OVERLOADED = "OVERLOADED"
     CONFIG = "CONFIG"
+    # Starting users' servers through JupyterHub (kbproxy.hub)
+    BACKEND_STARTING = "BACKEND_STARTING"
+    BACKEND_SPAWN_FAILED = "BACKEND_SPAWN_FAILED"
+    HUB_UNAVAILABLE = "HUB_UNAVAILABLE"
+    HUB_USER_UNKNOWN = "HUB_USER_UNKNOWN"
+    HUB_FORBIDDEN = "HUB_FORBIDDEN"
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -68,6 +78,11 @@ _STATUS = {
     Reason.DRAINING: grpc.StatusCode.UNAVAILABLE,
     Reason.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
     Reason.CONFIG: grpc.StatusCode.INTERNAL,
+    Reason.BACKEND_STARTING: grpc.StatusCode.UNAVAILABLE,
+    Reason.BACKEND_SPAWN_FAILED: grpc.StatusCode.UNAVAILABLE,
+    Reason.HUB_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.HUB_USER_UNKNOWN: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.HUB_FORBIDDEN: grpc.StatusCode.INTERNAL,
 }
 _HTTP = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
