@@ -74,6 +74,11 @@ REASONS = frozenset(
         "DRAINING",
         "OVERLOADED",
         "CONFIG",
+        "BACKEND_STARTING",
+        "BACKEND_SPAWN_FAILED",
+        "HUB_UNAVAILABLE",
+        "HUB_USER_UNKNOWN",
+        "HUB_FORBIDDEN",
     }
 )
 _DETAILS = re.compile(r'details = "(.*?)"\n', re.DOTALL)
@@ -209,6 +214,19 @@ def _by_reason(reason: str, message: str, *, target: str, username: str) -> Tran
                 f"{START_HINT}"
             ),
             waitable=True,
+        )
+    if reason in ("BACKEND_STARTING", "HUB_UNAVAILABLE"):
+        return Translated(
+            SparkServerUnavailableError(
+                f"your Spark server ({username}) is being started through the hub ({message})"
+            ),
+            waitable=True,
+        )
+    if reason in ("BACKEND_SPAWN_FAILED", "HUB_USER_UNKNOWN"):
+        return Translated(
+            SparkServerUnavailableError(
+                f"your Spark server ({username}) could not be started through {target} ({message})"
+            )
         )
     if reason in ("DRAINING", "OVERLOADED"):
         return Translated(

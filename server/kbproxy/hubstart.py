@@ -176,7 +176,7 @@ class SpawnTracker:
         """A hub request failed: a failed spawn moves to FAILED, other errors are held."""
         entry = self._done(user)
         if isinstance(error, SpawnFailed):
-            entry.failure = str(error)
+            entry.failure = error.sentence
             self._move(entry, Phase.FAILED)
             return
         if entry.phase is Phase.REQUESTED:

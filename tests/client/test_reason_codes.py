@@ -35,6 +35,11 @@ EXPECTED: dict[Reason, tuple[type[Exception], bool]] = {
     Reason.DRAINING: (kbclient.SparkServerUnavailableError, True),
     Reason.OVERLOADED: (kbclient.SparkServerUnavailableError, True),
     Reason.CONFIG: (kbclient.KBaseError, False),
+    Reason.BACKEND_STARTING: (kbclient.SparkServerUnavailableError, True),
+    Reason.HUB_UNAVAILABLE: (kbclient.SparkServerUnavailableError, True),
+    Reason.BACKEND_SPAWN_FAILED: (kbclient.SparkServerUnavailableError, False),
+    Reason.HUB_USER_UNKNOWN: (kbclient.SparkServerUnavailableError, False),
+    Reason.HUB_FORBIDDEN: (kbclient.KBaseError, False),
 }
 
 

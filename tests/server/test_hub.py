@@ -176,7 +176,7 @@ def test_hub_errors_are_held_then_asked_again(
     assert t.refused("alice") is Ask.START
     t.failed("alice", error)
     decision = t.decision("alice")
-    assert decision == Refusal(code, reason, f"[kbproxy:{reason}] {error}")
+    assert decision == Refusal(code, reason, f"[kbproxy:{reason}] {error.sentence}")
     assert decision.code is not grpc.StatusCode.UNAUTHENTICATED
     assert t.refused("alice") is Ask.NONE
     clock.now += 5
@@ -358,7 +358,7 @@ async def test_client_repr_and_errors_never_show_the_token() -> None:
     with pytest.raises(HubUnavailable) as raised:
         await client.start_server("alice")
     assert "SECRET" not in str(raised.value)
-    assert str(raised.value).startswith("JupyterHub at http://127.0.0.1:")
+    assert str(raised.value).startswith("[kbproxy:HUB_UNAVAILABLE] JupyterHub at http://127.0.0.1:")
     await client.aclose()
 
 
