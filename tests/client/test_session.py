@@ -175,7 +175,9 @@ def test_a_new_session_every_time_and_stop_releases_it(
     from pyspark.errors import PySparkException
     from pyspark.sql.connect.session import SparkSession
 
-    reuse = SparkSession.builder.remote(f"{info.spark_url};session_id={released}").create()
+    reuse = SparkSession.builder.remote(
+        f"{info.spark_url_with_token()};session_id={released}"
+    ).create()
     try:
         with pytest.raises(PySparkException, match="SESSION_CLOSED"):
             reuse.range(1).collect()
