@@ -128,6 +128,7 @@ class _WarningState:
         self._attempt = 0
         self._first_failure: float | None = None
         self._warned = False
+        self._last: BaseException | None = None  # pyspark 4.0 names it only to can_retry
 
     @property
     def policy(self) -> WarningPolicy:
@@ -138,9 +139,11 @@ class _WarningState:
         return self._policy.name
 
     def can_retry(self, exception: BaseException) -> bool:
+        self._last = exception
         return self._policy.can_retry(exception)
 
     def next_attempt(self, exception: BaseException | None = None) -> int | None:
+        exception = exception if exception is not None else self._last
         if self._takes_exception:
             wait_ms = self._inner.next_attempt(exception)
         else:

@@ -371,6 +371,26 @@ def test_warning_policy_warns_once_per_call_and_decides_as_pyspark() -> None:
     assert len(said) == 2
 
 
+def test_warning_policy_with_the_retry_api_of_pyspark_4_0() -> None:
+    class Inner40(Inner):
+        def to_state(self) -> Any:
+            state = super().to_state()
+
+            class State40:  # pyspark 4.0: next_attempt() takes no exception
+                def next_attempt(self) -> int | None:
+                    return state.next_attempt()  # type: ignore[no-any-return]
+
+            return State40()
+
+    said: list[str] = []
+    policy = WarningPolicy(Inner40(), Target("alice", "h:443", "T"), emit=said.append)
+    state = policy.to_state()
+    for _ in range(5):  # what pyspark 4.0's Retrying does: can_retry(exc), then next_attempt()
+        assert state.can_retry(Unavailable("down"))
+        assert state.next_attempt() is not None
+    assert len(said) == 1 and "(UNAVAILABLE: down)" in said[0]
+
+
 def test_outage_message_is_one_short_line() -> None:
     text = outage_message(
         Target("alice", "spark.example.org:443", "T"),
