@@ -47,6 +47,7 @@ _FIRST_DELAY = 0.5
 _MAX_DELAY = 5.0
 _SLOW_NOTE = 3.0  # an unanswered try is first mentioned after this many seconds
 _SLOW_REPEAT = 15.0
+_LAST_TRY = 0.5  # the least time a try is given before the deadline
 
 
 def get_connection_info(
@@ -286,13 +287,14 @@ def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server
             step = next_step_for(info.token_source)
             if step is not None:
                 translated.error.set_next_step(step)
-        remaining = deadline - time.monotonic()
-        if not translated.waitable or remaining <= 0:
+        # The next try gets at least _LAST_TRY s before the deadline, or there is none.
+        room = deadline - time.monotonic() - _LAST_TRY
+        if not translated.waitable or room <= 0:
             if translated.waitable and wait_for_server > 0:
                 raise _gave_up(info, translated, time.monotonic() - started) from None
             raise translated.error from None
         last = translated
-        pause = min(delay, remaining)
+        pause = min(delay, room)
         log.warning(
             "%s",
             waiting_message(
