@@ -6,9 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+DIST ?= dist
 ARGS ?=
 
-.PHONY: venv system-deps test lint typecheck demo bench clean
+.PHONY: venv system-deps test lint typecheck demo bench dist clean
 
 venv: $(STAMP)
 
@@ -42,6 +43,13 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# The wheel of the workstation toolkit (kbclient + kbdaemon) into $(DIST)/, built offline by the
+# venv's hatchling: `pip install dist/kbase_spark_connect-*.whl` or `pipx install dist/...whl`.
+dist:
+	test -x $(BIN)/python || $(MAKE) venv
+	$(BIN)/python -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir $(DIST) .
+	@ls $(DIST)/kbase_spark_connect-*.whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench .demo

@@ -79,7 +79,7 @@ def run(workdir: Path) -> None:
             "use_ssl": False,
             "auth_url": auth.url,
         }
-        url = resolve_connection(**kwargs).spark_url  # type: ignore[arg-type]
+        url = resolve_connection(**kwargs).spark_url_with_token()  # type: ignore[arg-type]
 
         def pyspark_direct() -> object:
             spark = SparkSession.builder.remote(url).create()

@@ -39,7 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=DEFAULT_WAIT_FOR_SERVER, help="seconds to wait for a server"
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--version", action="version", version=_version())
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from kbclient import __version__
+
+    pyspark = "not installed"
+    for name in ("pyspark", "pyspark-client", "pyspark-connect"):
+        try:
+            pyspark = metadata.version(name)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return f"kbclient {__version__} (kbase-spark-connect; pyspark {pyspark})"
 
 
 def _as_dict(info: ConnectionInfo) -> dict[str, Any]:
@@ -56,6 +72,8 @@ def _as_dict(info: ConnectionInfo) -> dict[str, Any]:
 
 
 def _exit_code(exc: KBaseError) -> int:
+    if isinstance(exc, NoTokenError) and isinstance(exc.__cause__, KeyringError):
+        return EXIT_LOCAL  # no token because the keyring failed: a keyring problem
     if isinstance(exc, NoTokenError):
         return EXIT_NO_TOKEN
     if isinstance(exc, AuthError):

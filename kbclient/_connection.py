@@ -33,8 +33,23 @@ from urllib.parse import quote
 
 from kbclient._auth2 import TokenCache, format_date, normalize_auth_url
 from kbclient._authclient import SyncKBaseAuthClient
-from kbclient._errors import LOGIN_HINT, AuthUnavailableError, KBaseError, TokenExpiredError
-from kbclient._tokens import SOURCE_DAEMON, find_token
+from kbclient._errors import (
+    LOGIN_HINT,
+    AuthError,
+    AuthUnavailableError,
+    KBaseError,
+    KeyringError,
+    NoTokenError,
+    TokenExpiredError,
+)
+from kbclient._tokens import (
+    SOURCE_ARGUMENT,
+    SOURCE_DAEMON,
+    TOKEN_ENV_VARS,
+    FoundToken,
+    find_token,
+    read_keyring,
+)
 from kbclient.daemon_api import DaemonAnswerError, fetch_connection
 from kbclient.profiles import load_config
 
@@ -85,23 +100,26 @@ def spark_url(*, host: str, port: int, use_ssl: bool, token: str, username: str)
 
 @dataclass(frozen=True, repr=False)
 class ConnectionInfo:
-    """Everything needed to reach the user's Spark server. The token is masked in repr and str.
+    """Everything needed to reach the user's Spark server; only ``token`` holds the token in clear.
+
+    ``spark_url``, ``masked_url``, repr and str show the token as ``***``, so printing any of
+    them in a notebook is safe; ``spark_url_with_token()`` is the URL a Spark Connect client
+    needs (keep it out of output).
 
     Attributes:
         profile: the profile name (prod, ci, appdev or one of the config file).
         username: the KBase user the token belongs to.
-        spark_url: the Spark Connect URL, token included (``masked_url`` is safe to show).
         host, port, use_ssl: where the Spark Connect proxy listens.
         auth_url: the KBase Auth2 service.
         token_expires: when the token expires, if known.
         token_source: argument, KBASE_AUTH_TOKEN, KB_AUTH_TOKEN, kbdaemon or keyring.
         s3_endpoint: the daemon's local S3 proxy, when it runs one.
         mfa: Auth2's ``mfa`` value of the token (Used, NotUsed, Unknown), when checked here.
+        token: the KBase token itself, in clear.
     """
 
     profile: str
     username: str
-    spark_url: str = field(compare=False)
     host: str
     port: int
     use_ssl: bool
@@ -112,9 +130,25 @@ class ConnectionInfo:
     mfa: str | None = None
     token: str = field(default="", compare=False)
 
+    def spark_url_with_token(self) -> str:
+        """The Spark Connect URL with the token in clear, for ``SparkSession.builder.remote``."""
+        return spark_url(
+            host=self.host,
+            port=self.port,
+            use_ssl=self.use_ssl,
+            token=self.token,
+            username=self.username,
+        )
+
     @property
     def masked_url(self) -> str:
-        return mask_url(self.spark_url)
+        """The Spark Connect URL with the token shown as ``***`` (safe to print or log)."""
+        return mask_url(self.spark_url_with_token())
+
+    @property
+    def spark_url(self) -> str:
+        """The same as ``masked_url``: the token is never in it (``spark_url_with_token()`` is)."""
+        return self.masked_url
 
     @property
     def target(self) -> str:
@@ -159,7 +193,7 @@ def resolve_connection(
     """
     config = load_config()
     prof = config.profile(profile)
-    found = find_token(token, prof.name)
+    found = _find_token(token, prof.name)
     daemon = found.daemon
     final_auth = normalize_auth_url(
         auth_url
@@ -191,19 +225,14 @@ def resolve_connection(
             username, expires = daemon.username, daemon.expires
         except KBaseError as exc:
             exc.add_context(describe_source(found.source))
+            if isinstance(exc, AuthError) and (step := next_step_for(found.source)) is not None:
+                exc.set_next_step(step)
             raise
         else:
             username, expires, mfa = info.user, info.expires, info.mfa
     return ConnectionInfo(
         profile=prof.name,
         username=username,
-        spark_url=spark_url(
-            host=final_host,
-            port=final_port,
-            use_ssl=final_ssl,
-            token=found.token,
-            username=username,
-        ),
         host=final_host,
         port=final_port,
         use_ssl=final_ssl,
@@ -216,6 +245,28 @@ def resolve_connection(
     )
 
 
+def _find_token(token: str | None, profile: str) -> FoundToken:
+    """``find_token``; when no token is found and the keyring failed, that failure is the cause.
+
+    ``python -m kbclient`` tells "no token anywhere" (exit 2) from "the keyring failed" (5) by it.
+    """
+    failures: list[KeyringError] = []
+
+    def reader(name: str) -> str | None:
+        try:
+            return read_keyring(name)
+        except KeyringError as exc:
+            failures.append(exc)
+            raise
+
+    try:
+        return find_token(token, profile, keyring_reader=reader)
+    except NoTokenError as exc:
+        if failures:
+            raise exc from failures[0]
+        raise
+
+
 def describe_source(source: str) -> str:
     """A phrase naming where a token came from, for messages."""
     if source == "argument":
@@ -225,6 +276,25 @@ def describe_source(source: str) -> str:
     if source == "keyring":
         return "the token in the OS keyring"
     return f"the token in {source}"
+
+
+def next_step_for(source: str) -> str | None:
+    """What to do about a refused token from ``source``, when a new login would not help.
+
+    A token from the environment or the argument wins over the one ``kbdaemon login`` stores,
+    so "log in again" cannot fix it; None for the daemon and the keyring (logging in does).
+    """
+    if source in TOKEN_ENV_VARS:
+        return (
+            f"{source} wins over the token `kbdaemon login` stores: set it to a valid token, "
+            f"or unset it (shell: `unset {source}`; notebook: `del os.environ[{source!r}]`)"
+        )
+    if source == SOURCE_ARGUMENT:
+        return (
+            "pass a valid token as token=, or leave token= out to use KBASE_AUTH_TOKEN or the "
+            "token `kbdaemon login` stores"
+        )
+    return None
 
 
 def _daemon_label(found: object) -> str:

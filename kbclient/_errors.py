@@ -34,6 +34,20 @@ class KBaseError(Exception):
         message = self.args[0] if self.args else ""
         self.args = (f"{text}: {message}", *self.args[1:])
 
+    def set_next_step(self, step: str) -> None:
+        """Make ``step`` the advice of the message, in place of the generic ``LOGIN_HINT``.
+
+        For a caller that knows better what works from where the user is (the token came from
+        a variable that wins over a new login, say). Without ``LOGIN_HINT`` in the message,
+        ``step`` is appended.
+        """
+        message = str(self.args[0]) if self.args else ""
+        if LOGIN_HINT in message:
+            message = message.replace(LOGIN_HINT, step)
+        else:
+            message = f"{message}; {step}"
+        self.args = (message, *self.args[1:])
+
 
 class NoTokenError(KBaseError):
     """No KBase token was found in any source."""

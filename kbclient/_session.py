@@ -6,9 +6,12 @@ How it works::
     SparkSession.builder.remote(url).create()   always a new session, never getOrCreate
     wait until ready              one cheap RPC (spark.version), pyspark retries off;
                                   a starting server (UNAVAILABLE from the proxy) is retried
-                                  for at most ``wait_for_server`` seconds, each wait logged
-                                  at WARNING so it shows in a notebook
-    apply app_name, spark_config  then pyspark's own retry policy is put back
+                                  for at most ``wait_for_server`` seconds, each wait one
+                                  short WARNING line (shows in a notebook); every attempt
+                                  runs against that deadline, so the wait never overshoots
+    apply app_name, spark_config  then pyspark's own retry policies are put back, each
+                                  wrapped by ``_outage.WarningPolicy``: a server lost later
+                                  gives one warning while pyspark retries, not silence
 
 gRPC failures of that first RPC are translated by ``_grpcerrors`` (the one boundary); later
 errors of the session's queries are pyspark's own. ``spark.stop()`` releases the server-side
@@ -19,12 +22,20 @@ loop, and ``acreate_spark_session`` runs the same steps in a worker thread.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from kbclient._connection import ConnectionInfo, daemon_s3_endpoint, resolve_connection
-from kbclient._grpcerrors import scrub, translate
+from kbclient._connection import (
+    ConnectionInfo,
+    daemon_s3_endpoint,
+    next_step_for,
+    resolve_connection,
+)
+from kbclient._errors import AuthError, KBaseError, SparkServerUnavailableError
+from kbclient._grpcerrors import START_HINT, Translated, translate
+from kbclient._outage import Target, WarningPolicy
 
 if TYPE_CHECKING:
     from pyspark.sql.connect.session import SparkSession
@@ -34,6 +45,9 @@ log = logging.getLogger(__name__)
 DEFAULT_WAIT_FOR_SERVER = 120.0
 _FIRST_DELAY = 0.5
 _MAX_DELAY = 5.0
+_SLOW_NOTE = 3.0  # an unanswered try is first mentioned after this many seconds
+_SLOW_REPEAT = 15.0
+_LAST_TRY = 0.5  # the least time a try is given before the deadline
 
 
 def get_connection_info(
@@ -155,7 +169,7 @@ def build_session(
     """A new session for ``info``, ready (one RPC answered) and configured."""
     from pyspark.sql.connect.session import SparkSession
 
-    spark = SparkSession.builder.remote(info.spark_url).create()
+    spark = SparkSession.builder.remote(info.spark_url_with_token()).create()
     try:
         client = spark.client
         policies = client.get_retry_policies()
@@ -166,7 +180,9 @@ def build_session(
             spark.release_session_on_close = False  # never reached: nothing to release
             raise
         finally:
-            client.set_retry_policies(policies)
+            target = Target(username=info.username, address=info.target, token=info.token)
+            wrapped: list[Any] = [WarningPolicy(policy, target) for policy in policies]
+            client.set_retry_policies(wrapped)  # duck-typed: pyspark asks only what they answer
         settings = dict(spark_config or {})
         if app_name is not None:
             settings["spark.app.name"] = app_name
@@ -179,37 +195,124 @@ def build_session(
     return spark
 
 
-def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server: float) -> None:
-    started = time.monotonic()
-    deadline = started + max(0.0, wait_for_server)
-    delay = _FIRST_DELAY
-    while True:
+def _attempt(
+    spark: SparkSession, timeout: float | None, on_slow: Callable[[float], None]
+) -> BaseException | None:
+    """One cheap RPC (``spark.version``): None when it answered, else its error.
+
+    With a ``timeout``, the RPC runs in a worker thread and is abandoned after that many
+    seconds (raising TimeoutError): pyspark has no per-call deadline, and a proxy that is
+    still connecting to a server may hold a call for a minute. While it is held,
+    ``on_slow(seconds so far)`` is called after ``_SLOW_NOTE`` s and then every
+    ``_SLOW_REPEAT`` s, so a long wait is never silent.
+    """
+    if timeout is None:
         try:
-            spark.version  # noqa: B018 - the first RPC: AnalyzePlan(SparkVersion)
-            return
+            spark.version  # noqa: B018 - AnalyzePlan(SparkVersion)
         except Exception as exc:
-            translated = translate(
-                exc,
-                target=info.target,
-                username=info.username,
-                token=info.token,
-                use_ssl=info.use_ssl,
-            )
-            if translated is None:
-                raise
-            remaining = deadline - time.monotonic()
-            if not translated.waitable or remaining <= 0:
-                if translated.waitable and wait_for_server > 0:
-                    translated.error.add_context(
-                        f"gave up after waiting {time.monotonic() - started:.0f} s"
-                    )
-                raise translated.error from None
-            pause = min(delay, remaining)
-            log.warning(
-                "Your Spark server is not ready (%s); retrying in %.1f s, for at most %.0f s more",
-                scrub(str(translated.error), info.token)[:300],
-                pause,
-                remaining,
-            )
-            time.sleep(pause)
-            delay = min(delay * 2, _MAX_DELAY)
+            return exc
+        return None
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            spark.version  # noqa: B018 - AnalyzePlan(SparkVersion)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    started = time.monotonic()
+    end = started + max(0.0, timeout)
+    threading.Thread(target=work, name="kbclient-ready", daemon=True).start()
+    note = started + _SLOW_NOTE
+    while not done.wait(max(0.0, min(note, end) - time.monotonic())):
+        now = time.monotonic()
+        if now >= end:
+            raise TimeoutError
+        if now >= note:
+            on_slow(now - started)
+            note = now + _SLOW_REPEAT
+    return outcome[0]
+
+
+def waiting_message(
+    info: ConnectionInfo, *, waited: float, deadline: float, pause: float | None = None
+) -> str:
+    """The one line logged per wait: what, how long so far, until when (wall clock).
+
+    ``pause`` is the time to the next try after a refusal; None while a try is unanswered.
+    """
+    until = time.strftime("%H:%M:%S", time.localtime(deadline))
+    state = (
+        f"no answer after {waited:.0f} s"
+        if pause is None
+        else f"not ready after {waited:.0f} s, next try in {pause:.1f} s"
+    )
+    return (
+        f"Waiting for your Spark server ({info.username} via {info.target}): {state}, "
+        f"giving up at {until}"
+    )
+
+
+def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server: float) -> None:
+    """Return once the server answers; raise a kbclient error, never later than the limit."""
+    wait_for_server = max(0.0, wait_for_server)
+    started = time.monotonic()
+    deadline = started + wait_for_server
+    wall_deadline = time.time() + wait_for_server
+    delay = _FIRST_DELAY
+    last: Translated | None = None
+
+    def slow(_: float) -> None:
+        waited = time.monotonic() - started
+        log.warning("%s", waiting_message(info, waited=waited, deadline=wall_deadline))
+
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            exc = _attempt(spark, None if wait_for_server == 0 else remaining, slow)
+        except TimeoutError:
+            raise _gave_up(info, last, time.monotonic() - started) from None
+        if exc is None:
+            return
+        translated = translate(
+            exc, target=info.target, username=info.username, token=info.token, use_ssl=info.use_ssl
+        )
+        if translated is None:
+            raise exc
+        if isinstance(translated.error, AuthError):
+            step = next_step_for(info.token_source)
+            if step is not None:
+                translated.error.set_next_step(step)
+        # The next try gets at least _LAST_TRY s before the deadline, or there is none.
+        room = deadline - time.monotonic() - _LAST_TRY
+        if not translated.waitable or room <= 0:
+            if translated.waitable and wait_for_server > 0:
+                raise _gave_up(info, translated, time.monotonic() - started) from None
+            raise translated.error from None
+        last = translated
+        pause = min(delay, room)
+        log.warning(
+            "%s",
+            waiting_message(
+                info, waited=time.monotonic() - started, pause=pause, deadline=wall_deadline
+            ),
+        )
+        time.sleep(pause)
+        delay = min(delay * 2, _MAX_DELAY)
+
+
+def _gave_up(info: ConnectionInfo, last: Translated | None, waited: float) -> KBaseError:
+    """The error once ``wait_for_server`` is used up (the last refusal, or "did not answer")."""
+    if last is None:
+        error: KBaseError = SparkServerUnavailableError(
+            f"your Spark server ({info.username}) did not answer through {info.target}; "
+            f"{START_HINT}"
+        )
+    else:
+        error = last.error
+    error.add_context(f"gave up after waiting {waited:.0f} s")
+    return error

@@ -175,7 +175,9 @@ def test_a_new_session_every_time_and_stop_releases_it(
     from pyspark.errors import PySparkException
     from pyspark.sql.connect.session import SparkSession
 
-    reuse = SparkSession.builder.remote(f"{info.spark_url};session_id={released}").create()
+    reuse = SparkSession.builder.remote(
+        f"{info.spark_url_with_token()};session_id={released}"
+    ).create()
     try:
         with pytest.raises(PySparkException, match="SESSION_CLOSED"):
             reuse.range(1).collect()
@@ -255,7 +257,7 @@ def test_users_server_not_running_waits_visibly_then_says_start_it(
         create_spark_session(token=DAVE_TOKEN, wait_for_server=3, **kwargs)
     assert time.monotonic() - started < 30
     waits = [r for r in caplog.records if "not ready" in r.getMessage()]
-    assert waits and all("retrying in" in r.getMessage() for r in waits)
+    assert waits and all("next try in" in r.getMessage() for r in waits)
     assert DAVE_TOKEN not in caplog.text + str(caught.value)
 
 

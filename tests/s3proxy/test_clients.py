@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -137,6 +138,43 @@ def test_polars_scan_parquet(lake: dict[str, Any], s3_proxy: ProxyProcess) -> No
     frame = pl.scan_parquet(f"s3://{BUCKET}/{lake['parquet']}", storage_options=options)
     result = frame.filter(pl.col("id") >= 4990).select("id", "name").collect()
     assert result.to_dicts() == [{"id": i, "name": f"genome-{i % 97}"} for i in range(4990, 5000)]
+
+
+def duckdb_with_httpfs() -> Any:
+    """A DuckDB connection with httpfs loaded from the duckdb-ext-httpfs wheel, never downloaded."""
+    import importlib.util
+
+    import duckdb
+
+    spec = importlib.util.find_spec("duckdb_ext")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    found = [Path(loc) / "extensions" for loc in locations if (Path(loc) / "extensions").is_dir()]
+    if not found:
+        pytest.fail(
+            "DuckDB's httpfs extension is missing: pip install duckdb-ext-httpfs (make venv "
+            "installs it); INSTALL httpfs would download it"
+        )
+    con = duckdb.connect(config={"autoinstall_known_extensions": False})
+    con.execute("SET extension_directory = ?", [str(found[0])])
+    con.execute("LOAD httpfs")
+    return con
+
+
+def test_duckdb_reads_parquet_with_httpfs(lake: dict[str, Any], s3_proxy: ProxyProcess) -> None:
+    con = duckdb_with_httpfs()
+    endpoint = s3_proxy.endpoint.removeprefix("http://")
+    # The README's snippet, with the test's keys and endpoint.
+    con.execute(
+        f"""CREATE SECRET lake (TYPE s3, KEY_ID '{ACCESS_KEY}', SECRET '{SECRET_KEY}',
+        REGION '{REGION}', ENDPOINT '{endpoint}', URL_STYLE 'path', USE_SSL false)"""
+    )
+    url = f"s3://{BUCKET}/{lake['parquet']}"
+    table = con.execute("SELECT * FROM read_parquet(?) ORDER BY id", [url]).fetch_arrow_table()
+    assert table.equals(TABLE)
+    query = "SELECT id, name FROM read_parquet(?) WHERE id >= 4998 ORDER BY id"
+    rows = con.execute(query, [url]).fetchall()
+    assert rows == [(4998, f"genome-{4998 % 97}"), (4999, f"genome-{4999 % 97}")]
+    con.close()
 
 
 def test_deltalake_reads_a_delta_table(lake: dict[str, Any], s3_proxy: ProxyProcess) -> None:
