@@ -195,6 +195,7 @@ class Envoy:
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
         self._admin = httpx.AsyncClient(
             transport=httpx.AsyncHTTPTransport(uds=str(admin_socket)),
             base_url="http://envoy-admin",

@@ -77,7 +77,7 @@ class Deny:
 
     @classmethod
     def of(cls, error: ProxyError) -> Deny:
-        return cls(error.reason, str(error))
+        return cls(error.reason, error.reason.tag(error.sentence))
 
     @classmethod
     def because(cls, reason: Reason, sentence: str) -> Deny:

@@ -222,6 +222,7 @@ def test_every_reason_tags_its_message_and_is_read_back() -> None:
     assert reason_of("no code here") is None
     assert str(Unauthenticated("x")).startswith("[kbproxy:TOKEN_INVALID] ")
     assert str(AuthUnavailable("x")).startswith("[kbproxy:AUTH_UNAVAILABLE] ")
+    assert Deny.of(ConfigError("bad template")).message == "[kbproxy:CONFIG] bad template"
 
 
 def test_forwarded_metadata_keeps_the_token_and_drops_transport_headers() -> None:

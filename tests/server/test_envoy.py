@@ -159,6 +159,9 @@ def test_envoy_killed_is_restarted_and_calls_work_again(
         ]
         envoy.send_signal(signal.SIGKILL)
         envoy.wait(10)
+        # kbproxy restarts it after a backoff of 0.5 s, during which it is not ready
+        ready = httpx.get(proxy.stats_url + "readyz", timeout=5)
+        assert ready.status_code == 503 and "Envoy" in ready.text
         deadline = time.monotonic() + 30
         while True:
             try:
