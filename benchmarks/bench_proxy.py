@@ -48,8 +48,8 @@ from testbed.spark import start_spark_connect
 
 # The data planes under test: name -> extra `kbproxy serve` args.
 DATA_PLANES: dict[str, list[str]] = {
-    "fast": ["--data-path", "fast"],
-    "grpc": ["--data-path", "grpc"],
+    "envoy": ["--data-plane", "envoy"],
+    "grpc": ["--data-plane", "grpc"],
 }
 SMOKE = os.environ.get("BENCH_SMOKE") == "1"
 TOKEN = "BENCHTOKEN0123456789abcdef"

@@ -250,9 +250,11 @@ _CLIENT_WENT_AWAY = ("DR", "DC")  # Envoy's flags: downstream reset, connection 
 
 
 def _code(grpc_status: int | None, http_status: int, flags: str) -> grpc.StatusCode:
-    if grpc_status is not None:
+    # A call the client reset has no grpc-status of its own: Envoy infers UNKNOWN (2) for it.
+    client_went_away = any(flag in flags.split(",") for flag in _CLIENT_WENT_AWAY)
+    if grpc_status is not None and not (client_went_away and grpc_status == 2):
         return _CODES.get(grpc_status, grpc.StatusCode.UNKNOWN)
-    if http_status == 0 or any(flag in flags.split(",") for flag in _CLIENT_WENT_AWAY):
+    if http_status == 0 or client_went_away:
         return grpc.StatusCode.CANCELLED
     return _HTTP_CODES.get(http_status, grpc.StatusCode.UNKNOWN)
 
