@@ -174,6 +174,11 @@ def test_deployment_drains_and_probes() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert env["KBPROXY_NAMESPACE"] == "spark"  # the release namespace by default
+    # The only writable place under the read-only root: an emptyDir, where TMPDIR points.
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    assert env["TMPDIR"] in {mounts[name] for name in empty_dirs}
 
 
 def test_every_kbproxy_flag_is_a_value() -> None:

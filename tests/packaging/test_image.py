@@ -2,11 +2,12 @@
 
 The image is built once per session with podman (``testbed.podman``: private storage, runc, the
 host network) on top of a local Debian stand-in for ``python:3.11-slim``; the Dockerfile is the
-one production builds. Every container runs as the chart's Deployment runs kbproxy: uid 10001,
-read-only root file system, all capabilities dropped, no privilege escalation, a writable /tmp
-only. With ``--network host`` the container's loopback is the host's: the test's own backend and
-clients talk to it on 127.0.0.1. Nothing is skipped: when podman cannot run here, the tests fail
-saying what to install.
+one production builds. Every container runs as the chart's Deployment runs kbproxy (its
+securityContext and volumes, read from the rendered chart): uid 10001, read-only root file
+system, all capabilities dropped, no privilege escalation, a writable /tmp only. With
+``--network host`` the container's loopback is the host's: the test's own backend and clients
+talk to it on 127.0.0.1. Nothing is skipped: when podman cannot run here, the tests fail saying
+what to install.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from testbed.podman import Podman, PodmanUnavailable, base_image, build
 from testbed.procs import ChildProcess, free_ports, port_open
 from tests.conftest import ALICE_TOKEN, TEST_TOKENS
+from tests.packaging.test_helm import render
 from tests.server.conftest import HeldBackend, grpc_backend, raw_call
 
 pytestmark = pytest.mark.slow
@@ -39,15 +41,39 @@ DRAIN_GRACE = 10
 FORBIDDEN = ("pyspark", "keyring", "kbclient", "kbdaemon", "pandas", "pip")
 # The engine runs the HEALTHCHECK only when asked (its timers need systemd as PID 1).
 ENGINE = ("--network=host", "--health-interval=disable")
-# As the chart's securityContext: the pod's user, nothing writable but /tmp, no capabilities.
-RESTRICTED = (
-    f"--user={UID}:{UID}",
-    "--read-only",
-    "--read-only-tmpfs=false",
-    "--tmpfs=/tmp:rw,size=64m,mode=1777",
-    "--cap-drop=ALL",
-    "--security-opt=no-new-privileges",
-)
+
+
+def chart_restrictions() -> tuple[str, ...]:
+    """The podman flags for what the chart's Deployment asks of the container runtime.
+
+    Every field of the pod's and the container's securityContext, and every volume, is either
+    translated or refused here, so a change to the chart changes how these tests run the image.
+    """
+    pod = render()["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pod_context, context = dict(pod["securityContext"]), dict(container["securityContext"])
+    assert pod_context.pop("runAsNonRoot") is True
+    options = [f"--user={pod_context.pop('runAsUser')}:{pod_context.pop('runAsGroup')}"]
+    options.append(f"--group-add={pod_context.pop('fsGroup')}")
+    assert pod_context.pop("seccompProfile") == {"type": "RuntimeDefault"}  # podman's default
+    assert pod_context == {}, f"not run by the image tests: {pod_context}"
+    if context.pop("readOnlyRootFilesystem"):
+        options += ["--read-only", "--read-only-tmpfs=false"]
+    assert context.pop("capabilities") == {"drop": ["ALL"]}
+    options.append("--cap-drop=ALL")
+    if context.pop("allowPrivilegeEscalation") is False:
+        options.append("--security-opt=no-new-privileges")
+    assert context == {}, f"not run by the image tests: {context}"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container["volumeMounts"]:
+        (kind,) = set(volumes[mount["name"]]) - {"name"}
+        assert kind == "emptyDir", f"volume {mount['name']}: {kind} is not run by the image tests"
+        size = volumes[mount["name"]]["emptyDir"]["sizeLimit"]
+        assert size.endswith("Mi"), size
+        options.append(f"--tmpfs={mount['mountPath']}:rw,size={size[:-2]}m,mode=1777")
+    env = {e["name"]: e["value"] for e in container["env"]}
+    options.append(f"--env=TMPDIR={env['TMPDIR']}")
+    return tuple(options)
 
 
 @dataclass
@@ -56,10 +82,11 @@ class Image:
     tag: str
     base: str
     build_seconds: float
+    restricted: tuple[str, ...]  # chart_restrictions()
 
     def run(self, args: list[str], *, entrypoint: str | None = None, timeout: float = 60) -> str:
         """Run the image to completion, restricted; its stdout (a failure raises with stderr)."""
-        argv = ["run", "--rm", *ENGINE, *RESTRICTED]
+        argv = ["run", "--rm", *ENGINE, *self.restricted]
         if entrypoint is not None:
             argv.append(f"--entrypoint={entrypoint}")
         return self.podman([*argv, self.tag, *args], timeout=timeout).stdout
@@ -68,7 +95,16 @@ class Image:
         self, name: str, args: list[str], log: Path, *, options: tuple[str, ...] = ()
     ) -> ChildProcess:
         """``podman run`` of the image in the foreground, restricted, as a child process."""
-        argv = ["run", "--rm", f"--name={name}", *ENGINE, *RESTRICTED, *options, self.tag, *args]
+        argv = [
+            "run",
+            "--rm",
+            f"--name={name}",
+            *ENGINE,
+            *self.restricted,
+            *options,
+            self.tag,
+            *args,
+        ]
         return self.podman.start(argv, log_path=log)
 
     def inspect(self, what: str, name: str) -> str:
@@ -85,10 +121,20 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
         base = base_image(podman)
         started = time.monotonic()
         build(
-            podman, context=ROOT, dockerfile=DOCKERFILE, tag=TAG, build_args={"PYTHON_IMAGE": base}
+            podman,
+            context=ROOT,
+            dockerfile=DOCKERFILE,
+            tag=TAG,
+            build_args={"PYTHON_IMAGE": base},
         )
         seconds = time.monotonic() - started
-        yield Image(podman=podman, tag=TAG, base=base, build_seconds=seconds)
+        yield Image(
+            podman=podman,
+            tag=TAG,
+            base=base,
+            build_seconds=seconds,
+            restricted=chart_restrictions(),
+        )
     except PodmanUnavailable as exc:
         pytest.fail(str(exc))
     finally:
@@ -125,7 +171,12 @@ def test_image_is_slim_non_root_and_checks_its_health(image: Image) -> None:
     assert found.split()[0] == "/opt/kbproxy/bin/python"
     assert found.strip().endswith("[]"), found
 
-    # The host's CA bundle was mounted for the build only: the image keeps its base's bundle.
+    # Nothing of the build stage in /root or /tmp, and the host's CA bundle was mounted for the
+    # build only: the image keeps its base's.
+    as_root = ["run", "--rm", *ENGINE, "--user=0", "--entrypoint=find"]
+    files = ["/root", "/tmp", "-type", "f"]
+    in_image = image.podman([*as_root, image.tag, *files]).stdout
+    assert in_image == image.podman([*as_root, image.base, *files]).stdout
     bundle = "/etc/ssl/certs/ca-certificates.crt"
     in_base = image.podman(["run", "--rm", "--network=host", image.base, "cat", bundle]).stdout
     assert image.run([bundle], entrypoint="cat") == in_base
