@@ -77,6 +77,8 @@ class Podman:
             f'runtime = "{self.runtime}"\n'
             'cgroup_manager = "cgroupfs"\n'
             'events_logger = "file"\n'
+            # File locks in tmp_dir: the shm default is one segment for all of root's podmans.
+            'lock_type = "file"\n'
             f'events_logfile_path = "{root / "events.log"}"\n'
             f'tmp_dir = "{root / "tmp"}"\n'
             "[engine.runtimes]\n"
