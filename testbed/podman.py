@@ -134,9 +134,8 @@ class Podman:
         return ChildProcess(self.argv(args), log_path=log_path, env=self.env)
 
     def close(self) -> None:
-        """Remove every container and image, then the storage itself."""
+        """Remove every container, then the storage itself (images and all)."""
         self(["rm", "--all", "--force", "--time", "0"], check=False)
-        self(["rmi", "--all", "--force"], check=False)
         for mount in reversed(_mounts_under(self.root)):
             subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
