@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -26,7 +27,7 @@ from testbed.helm import HelmUnavailable, helm
 CHART = Path(__file__).resolve().parents[2] / "packaging" / "helm" / "kbproxy"
 # Set by the Deployment template from `ports` and `drain`, not from `env`.
 DERIVED_ENV = {"KBPROXY_LISTEN", "KBPROXY_STATS_LISTEN", "KBPROXY_DRAIN_GRACE"}
-# The value combinations README.md documents, beside the defaults.
+# Value combinations an operator sets (README.md, the comments of values.yaml), and the defaults.
 COMBINATIONS: list[dict[str, Any] | None] = [
     None,
     {"ingress": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
@@ -66,8 +67,6 @@ def values_file(values: dict[str, Any] | None, tmp: Path) -> list[str]:
 
 @cache
 def _template(values_yaml: str, kube_version: str, namespace: str) -> str:
-    import tempfile
-
     values = yaml.safe_load(values_yaml)
     with tempfile.TemporaryDirectory() as tmp:
         args = ["template", "kbproxy", str(CHART), "--namespace", namespace]
