@@ -1,7 +1,9 @@
 """Autostart: the rendered unit, plist and task, and install/uninstall round trips.
 
-The unit is checked by systemd itself (`systemd-analyze verify`); the commands that launchctl
-and schtasks would get are recorded by a runner, since those programs exist only on their OS.
+The unit is checked by systemd itself (`systemd-analyze verify`), the agent by libplist's
+`plistutil` and by `xmllint` against a local copy of Apple's plist DTD; the commands that
+launchctl and schtasks would get are recorded by a runner, since those programs exist only on
+their OS.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kbdaemon.autostart import (
 from tests.packaging.conftest import RecordingRunner
 
 TASK_NS = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+PLIST_DTD = Path(__file__).parent / "data" / "PropertyList-1.0.dtd"
 
 
 def make_target(home: Path, platform: Platform, python: str = sys.executable) -> Target:
@@ -120,6 +123,63 @@ def test_launchd_plist_round_trips(tmp_path: Path) -> None:
     assert plist.get("LimitLoadToSessionType") != "Background"
     assert plist["WorkingDirectory"] == str(home)
     assert plist["StandardErrorPath"].startswith(str(home / "Library" / "Logs"))
+
+
+def tool(program: str, package: str) -> str:
+    exe = shutil.which(program)
+    if exe is None:
+        pytest.fail(f"{program} is missing: apt-get install {package} (tools/system-deps.sh)")
+    return exe
+
+
+def xmllint_plist(path: Path) -> subprocess.CompletedProcess[str]:
+    """``xmllint --valid`` offline: a catalog maps the plist's DOCTYPE to the local DTD."""
+    catalog = path.with_name("catalog.xml")
+    dtd = PLIST_DTD.resolve().as_uri()
+    catalog.write_text(
+        '<?xml version="1.0"?>\n'
+        '<catalog xmlns="urn:oasis:names:tc:entity:xmlns:xml:catalog">\n'
+        f'  <public publicId="-//Apple//DTD PLIST 1.0//EN" uri="{dtd}"/>\n'
+        f'  <system systemId="http://www.apple.com/DTDs/PropertyList-1.0.dtd" uri="{dtd}"/>\n'
+        "</catalog>\n",
+        encoding="utf-8",
+    )
+    argv = [tool("xmllint", "libxml2-utils"), "--noout", "--nonet", "--valid", str(path)]
+    env = {**os.environ, "XML_CATALOG_FILES": str(catalog)}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
+
+
+def test_launchd_plist_is_valid_for_libplist_and_the_dtd(tmp_path: Path) -> None:
+    target = make_target(tmp_path / "R&D <lab>", "macos", "/Users/alice/venv & co/bin/python")
+    data = rendered(autostart.plan_install(target)).content
+    agent = tmp_path / "us.kbase.kbdaemon.plist"
+    agent.write_bytes(data)
+
+    checked = xmllint_plist(agent)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr == ""
+
+    # libplist (the C library of the plist format) converts it to binary and back, unchanged.
+    plistutil = tool("plistutil", "libplist-utils")
+    binary, back = tmp_path / "agent.bin", tmp_path / "agent.xml"
+    for src, dst, fmt in ((agent, binary, "bin"), (binary, back, "xml")):
+        argv = [plistutil, "-i", str(src), "-o", str(dst), "-f", fmt]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+    assert binary.read_bytes().startswith(b"bplist00")
+    assert plistlib.loads(binary.read_bytes()) == plistlib.loads(data)
+    assert plistlib.loads(back.read_bytes()) == plistlib.loads(data)
+
+
+def test_xmllint_catches_a_broken_plist(tmp_path: Path) -> None:
+    """The DTD check above would see a mistake: a dict value without its key fails."""
+    target = make_target(tmp_path, "macos")
+    data = rendered(autostart.plan_install(target)).content.decode()
+    broken = tmp_path / "broken.plist"
+    broken.write_text(data.replace("<key>RunAtLoad</key>", "", 1), encoding="utf-8")
+    checked = xmllint_plist(broken)
+    assert checked.returncode != 0
+    assert "does not follow the DTD" in checked.stderr or "validity error" in checked.stderr
 
 
 def test_windows_task_runs_pythonw_at_this_users_logon(tmp_path: Path) -> None:

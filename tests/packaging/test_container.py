@@ -1,10 +1,10 @@
-"""The kbproxy container image, as far as it can be checked without a Docker engine.
+"""The kbproxy Dockerfile and the wheels, checked without building the image.
 
-There is no engine here, so the image is not built. Checked instead: the Dockerfile's
+The image itself is built and run in test_image.py. Checked here, in seconds: the Dockerfile's
 instructions as Docker's own (buildkit) parser reads them (stages, user, ports, health check),
 the wheel it installs (built the same way, offline) and that wheel's dependency closure, imported
 in an interpreter that sees nothing else: kbproxy imports, pyspark and keyring are absent. The
-health check command itself is run against a real `kbproxy serve`.
+health check command is also run against a real `kbproxy serve` on the host.
 """
 
 from __future__ import annotations
