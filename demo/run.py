@@ -1,8 +1,8 @@
 """The steps of `make demo`, each printed with what it did and how long it took.
 
 How it works: the process first points its own environment at a fresh HOME (XDG dirs, runtime
-dir, a file keyring) under the work dir, so kbdaemon, kbclient, the keyring and the config file
-never touch the user's own. Then it starts, in order, and registers the stop of each on one
+dir, a gnome-keyring on a private D-Bus) under the work dir, so kbdaemon, kbclient, the keyring
+and the config file never touch the user's own. Then it starts, in order, and registers the stop of each on one
 ``ExitStack``:
 
     Spark Connect server -> dev Auth2 -> kbproxy serve -> SeaweedFS + Delta Lake Proxy emulator
@@ -78,8 +78,6 @@ def isolate_home(workdir: Path) -> Path:
     runtime = workdir / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
     os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-    # A real keyring backend that lives in this HOME (the desktop keyring stays untouched).
-    os.environ["PYTHON_KEYRING_BACKEND"] = "keyrings.alt.file.PlaintextKeyring"
     os.environ["GRPC_DNS_RESOLVER"] = "native"
     return home
 
@@ -179,7 +177,12 @@ def run_demo(workdir: Path, stack: ExitStack, steps: Steps) -> None:
 
     with steps.step(f"An isolated HOME for kbdaemon, kbclient and the keyring: {workdir}/home"):
         isolate_home(workdir)
-        steps.say("keyring: keyrings.alt's file backend inside that HOME")
+        # A real Secret Service (gnome-keyring on a private D-Bus), unlocked, living in the work
+        # dir: the desktop keyring stays untouched, and kbdaemon keeps the token encrypted there.
+        from testbed.keyring import secret_service
+
+        os.environ.update(stack.enter_context(secret_service(workdir / "keyring")))
+        steps.say("keyring: gnome-keyring on a private D-Bus session, inside the work dir")
 
     with steps.step("A real Spark Connect server (the user's own Spark, from the pyspark jars)"):
         spark_server = start_spark_connect(workdir / "spark")
