@@ -2,8 +2,8 @@
 
 How it works: the process first points its own environment at a fresh HOME (XDG dirs, runtime
 dir, a gnome-keyring on a private D-Bus) under the work dir, so kbdaemon, kbclient, the keyring
-and the config file never touch the user's own. Then it starts, in order, and registers the stop of each on one
-``ExitStack``:
+and the config file never touch the user's own. Then it starts, in order, and registers the
+stop of each on one ``ExitStack``:
 
     Spark Connect server -> dev Auth2 -> kbproxy serve -> SeaweedFS + Delta Lake Proxy emulator
     -> config file -> kbdaemon login --with-token -> kbdaemon start -> create_spark_session()
