@@ -52,6 +52,7 @@ from kbclient._tokens import (
 )
 from kbclient.daemon_api import DaemonAnswerError, fetch_connection
 from kbclient.profiles import load_config
+from kbclient.tokenstore import NoOSKeyringError
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +256,8 @@ def _find_token(token: str | None, profile: str) -> FoundToken:
     def reader(name: str) -> str | None:
         try:
             return read_keyring(name)
+        except NoOSKeyringError:
+            raise  # no keyring to fail: no token there (exit 2), the message says why
         except KeyringError as exc:
             failures.append(exc)
             raise
