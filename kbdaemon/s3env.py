@@ -119,5 +119,5 @@ def merge_section(text: str, section: str) -> str:
     while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip()[:1] in "#;"):
         end -= 1
     tail = lines[end:]
-    between = "\n" if tail else ""
+    between = "\n" if tail and tail[0].strip() else ""
     return "".join(lines[:start]) + section + between + "".join(tail)
