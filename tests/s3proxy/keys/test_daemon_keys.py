@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 from deltalake import DeltaTable, write_deltalake
 
 import kbclient
@@ -145,9 +146,11 @@ def test_boto3_gets_its_keys_through_credential_process(
     assert keys["last_error"] is None and keys["fetched_at"] <= time.time()
     shown = daemon_env("s3-keys")
     assert shown.returncode == 0 and "S3 keys fresh" in shown.stdout
+    human = daemon_env("status")
+    assert "S3 keys:   fresh (access key alice) from http://127.0.0.1:" in human.stdout
     secret = creds["SecretAccessKey"]
     log_text = daemon_env.paths.log_file.read_text()
-    for output in (status.stdout, shown.stdout, status.stderr, log_text):
+    for output in (status.stdout, shown.stdout, human.stdout, status.stderr, log_text):
         assert secret not in output
 
 
@@ -273,3 +276,24 @@ def test_logout_drops_the_keys_and_a_new_login_brings_them_back(
     back = daemon_env("s3-credentials")
     assert back.returncode == 0, back.stderr
     assert json.loads(back.stdout)["SecretAccessKey"] == service_secret(governance)
+
+
+def test_a_credentials_url_added_while_the_daemon_runs_is_used_after_reload(
+    daemon_env: Kbdaemon, governance: Governance, lake: dict[str, str]
+) -> None:
+    configured = daemon_env.config_path.read_text()
+    daemon_env.write_config(
+        "\n".join(line for line in configured.splitlines() if "credentials_url" not in line)
+    )
+    login_and_start(daemon_env)
+    assert daemon_env("s3-credentials").returncode == ExitCode.ERROR
+    options = kbclient.get_connection_info().s3_storage_options()
+    client = boto3.client("s3", **options.boto3(), config=Config(s3={"addressing_style": "path"}))
+    with pytest.raises(ClientError):  # the emulator passes the dummy signature on to S3
+        client.get_object(Bucket=BUCKET, Key=lake["blob"])
+    daemon_env.write_config(configured)
+    assert daemon_env("reload").returncode == 0
+    assert json.loads(daemon_env("s3-credentials").stdout)["AccessKeyId"] == "alice"
+    options = kbclient.get_connection_info().s3_storage_options()
+    client = boto3.client("s3", **options.boto3(), config=Config(s3={"addressing_style": "path"}))
+    assert client.get_object(Bucket=BUCKET, Key=lake["blob"])["Body"].read() == BLOB
