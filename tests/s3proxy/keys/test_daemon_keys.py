@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -271,6 +274,19 @@ def test_logout_drops_the_keys_and_a_new_login_brings_them_back(
     result = daemon_env("s3-credentials")
     assert result.returncode == ExitCode.NOT_LOGGED_IN
     assert "kbdaemon login --profile prod" in result.stderr
+    endpoint = daemon_env.status()["profiles"][0]["s3_endpoint"]
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="dummy",
+        aws_secret_access_key="dummy-secret",
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+    with pytest.raises(ClientError) as refused:
+        client.get_object(Bucket=BUCKET, Key="daemonkeys/blob.bin")
+    assert refused.value.response["Error"]["Code"] == "S3KeysRefused"
+    assert "kbdaemon login --profile prod" in refused.value.response["Error"]["Message"]
     login = daemon_env("login", "--with-token", "--insecure-storage", input=ALICE_TOKEN + "\n")
     assert login.returncode == 0, login.stderr
     back = daemon_env("s3-credentials")
@@ -297,3 +313,35 @@ def test_a_credentials_url_added_while_the_daemon_runs_is_used_after_reload(
     options = kbclient.get_connection_info().s3_storage_options()
     client = boto3.client("s3", **options.boto3(), config=Config(s3={"addressing_style": "path"}))
     assert client.get_object(Bucket=BUCKET, Key=lake["blob"])["Body"].read() == BLOB
+
+
+def test_env_exports_work_in_a_shell_for_a_real_client(
+    daemon_env: Kbdaemon, governance: Governance, lake: dict[str, str]
+) -> None:
+    login_and_start(daemon_env)
+    exports = daemon_env("env")
+    assert exports.returncode == 0, exports.stderr
+    assert exports.stdout.startswith("# S3 keys of KBase profile prod")
+    script = (
+        "import boto3, os\n"
+        "from botocore.config import Config\n"
+        "c = boto3.client('s3', region_name='us-east-1', "
+        "config=Config(s3={'addressing_style': 'path'}))\n"
+        f"print(len(c.get_object(Bucket='{BUCKET}', Key='{lake['blob']}')['Body'].read()))\n"
+        "print(os.environ['S3_SECRET_KEY'] == os.environ['MINIO_SECRET_KEY'])\n"
+    )
+    ran = subprocess.run(
+        ["sh", "-c", f'eval "$1"\nexec "{sys.executable}" -c "$2"', "sh", exports.stdout, script],
+        capture_output=True,
+        text=True,
+        env=daemon_env.env,
+        timeout=60,
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == [str(len(BLOB)), "True"]
+    variables = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in exports.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    assert shlex.split(variables["AWS_SECRET_ACCESS_KEY"]) == [service_secret(governance)]
