@@ -46,7 +46,13 @@ from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
 from kbdaemon.governance import GovernanceClient
 from kbdaemon.keystore import Keystore
 from kbdaemon.notify import desktop_notify
-from kbdaemon.s3keys import S3Keys, S3KeysNeedLoginError, S3KeysNotConfiguredError, S3KeySource
+from kbdaemon.s3keys import (
+    S3Keys,
+    S3KeysError,
+    S3KeysNeedLoginError,
+    S3KeysNotConfiguredError,
+    S3KeySource,
+)
 from kbdaemon.s3proxy import S3Proxy
 from kbdaemon.settings import DaemonSettings, daemon_settings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
@@ -136,6 +142,7 @@ class Daemon:
         self.proxies: dict[str, S3Proxy] = {}
         self.key_sources: dict[str, S3KeySource] = {}
         self._governance: dict[str, GovernanceClient] = {}
+        self._prefetches: set[asyncio.Task[None]] = set()
         self.started = clock()
         self._changed = asyncio.Event()
         self._stopping = False
@@ -164,6 +171,7 @@ class Daemon:
         try:
             for profile in self.profiles_served():
                 self._start_keys(profile)
+                self._prefetch_keys(profile.name)
                 await self._start_proxy(profile)
         except BaseException:
             await self.close()
@@ -189,6 +197,22 @@ class Daemon:
 
         self._governance[name] = client
         self.key_sources[name] = S3KeySource(fetch)
+
+    def _prefetch_keys(self, name: str) -> None:
+        """Fetch a profile's keys in the background, so the first S3 request need not wait."""
+        source = self.key_sources.get(name)
+        if source is None or self.state.profile(name).token is None:
+            return
+
+        async def fetch() -> None:
+            try:
+                await source.get()
+            except S3KeysError as exc:
+                log.warning("profile %s: no S3 keys: %s", name, exc.message)
+
+        task = asyncio.ensure_future(fetch())
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
 
     async def _stop_keys(self, name: str) -> None:
         if (source := self.key_sources.pop(name, None)) is not None:
@@ -258,6 +282,7 @@ class Daemon:
                     if profile.credentials_url != (before.credentials_url if before else None):
                         await self._stop_keys(profile.name)
                         self._start_keys(profile)
+                        self._prefetch_keys(profile.name)
                     await self._start_proxy(profile)
                 except (OSError, KBDaemonError) as exc:
                     self.config_error = f"S3 proxy of profile {profile.name}: {exc}"
@@ -290,6 +315,8 @@ class Daemon:
         for proxy in self.proxies.values():
             await proxy.close()
         self.proxies.clear()
+        for task in list(self._prefetches):
+            task.cancel()
         for name in list(self.key_sources):
             await self._stop_keys(name)
         await self.checker.aclose()
@@ -314,10 +341,13 @@ class Daemon:
                 self._drop_keys(name, "the token was removed")
             state.token_missing()
             return None
-        if state.token != found.token:
+        changed = state.token != found.token
+        if changed:
             self._drop_keys(name, "another token was stored")
         self.on_secret(found.token)
         state.token_loaded(found.token, kind=found.kind, where=found.where, now=self.clock())
+        if changed:
+            self._prefetch_keys(name)
         return None
 
     def _drop_keys(self, name: str, why: str) -> None:

@@ -267,8 +267,11 @@ def test_logout_drops_the_keys_and_a_new_login_brings_them_back(
     daemon_env: Kbdaemon, governance: Governance
 ) -> None:
     login_and_start(daemon_env)
-    assert daemon_env("s3-credentials").returncode == 0
-    assert s3_keys_json(daemon_env)["state"] == "fresh"
+    deadline = time.monotonic() + 30  # fetched in the background after start, unasked
+    while (state := s3_keys_json(daemon_env)["state"]) != "fresh" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state == "fresh"
+    assert governance.stats()["get"] > 0
     assert daemon_env("logout").returncode == 0
     assert s3_keys_json(daemon_env)["state"] == "none"
     result = daemon_env("s3-credentials")
