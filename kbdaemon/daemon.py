@@ -7,7 +7,8 @@ state's next wake-up time or until a request changes something (a reload after l
 there is no polling loop, so an idle daemon costs nothing. Each profile with an ``s3_upstream``
 gets its own local S3 proxy. Each profile with a ``credentials_url`` gets an ``S3KeySource``
 (s3keys.py) whose fetch asks the data governance service with the profile's current token (a new
-login is used at once; a logout or another token drops the keys, which live in memory only); the
+login is used at once; a logout or another token drops the keys, which live in memory only;
+they are fetched in the background at start and after each login); the
 profile's S3 proxy re-signs with them, and the socket API hands them to ``kbdaemon
 s3-credentials``. The socket API (api.py) calls ``health``/``status``/``connection``/
 ``reload``; process concerns (pid file, socket, signals, logs) live in process.py.
