@@ -5,13 +5,12 @@ reading the token store (off the event loop, with the keystore's timeout), askin
 token (kbclient's ``KBaseAuthClient``), showing desktop notifications. ``run()`` sleeps until the
 state's next wake-up time or until a request changes something (a reload after login or logout);
 there is no polling loop, so an idle daemon costs nothing. Each profile with an ``s3_upstream``
-gets its own local S3 proxy. Each profile with a ``credentials_url`` gets an ``S3KeySource``
-(s3keys.py) whose fetch asks the data governance service with the profile's current token (a new
-login is used at once; a logout or another token drops the keys, which live in memory only;
-they are fetched in the background at start and after each login); the
-profile's S3 proxy re-signs with them, and the socket API hands them to ``kbdaemon
-s3-credentials``. The socket API (api.py) calls ``health``/``status``/``connection``/
-``reload``; process concerns (pid file, socket, signals, logs) live in process.py.
+gets its own local S3 proxy. Each profile with a ``credentials_url`` gets S3 keys from the data
+governance service with its current token (daemonkeys.py: fetched in the background at start and
+after each login, dropped on logout, in memory only); the profile's S3 proxy re-signs with them,
+and the socket API hands them to ``kbdaemon s3-credentials``. The socket API (api.py) calls
+``health``/``status``/``connection``/``reload``/``s3_credentials``/``s3_keys``; process
+concerns (pid file, socket, signals, logs) live in process.py.
 
 The configuration is read again on ``reload`` (``kbdaemon login``, ``kbdaemon reload``,
 SIGHUP) and when a request names a profile the daemon does not know yet: new profiles are
@@ -43,17 +42,11 @@ from kbclient.daemon_api import DaemonConnection, S3Credentials, S3KeysInfo
 from kbclient.profiles import Config, Profile, ProfileError
 from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
+from kbdaemon.daemonkeys import ProfileKeys
 from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
-from kbdaemon.governance import GovernanceClient
 from kbdaemon.keystore import Keystore
 from kbdaemon.notify import desktop_notify
-from kbdaemon.s3keys import (
-    S3Keys,
-    S3KeysError,
-    S3KeysNeedLoginError,
-    S3KeysNotConfiguredError,
-    S3KeySource,
-)
+from kbdaemon.s3keys import S3KeysNotConfiguredError, S3KeySource
 from kbdaemon.s3proxy import S3Proxy
 from kbdaemon.settings import DaemonSettings, daemon_settings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
@@ -141,9 +134,9 @@ class Daemon:
         self.settings = settings or daemon_settings(config)
         self.state = DaemonState()
         self.proxies: dict[str, S3Proxy] = {}
-        self.key_sources: dict[str, S3KeySource] = {}
-        self._governance: dict[str, GovernanceClient] = {}
-        self._prefetches: set[asyncio.Task[None]] = set()
+        self.keys = ProfileKeys(
+            token_of=lambda name: self.state.profile(name).token, on_secret=on_secret
+        )
         self.started = clock()
         self._changed = asyncio.Event()
         self._stopping = False
@@ -171,55 +164,12 @@ class Daemon:
         await self._check_due()
         try:
             for profile in self.profiles_served():
-                self._start_keys(profile)
-                self._prefetch_keys(profile.name)
+                self.keys.start(profile)
+                self.keys.prefetch(profile.name)
                 await self._start_proxy(profile)
         except BaseException:
             await self.close()
             raise
-
-    def _start_keys(self, profile: Profile) -> None:
-        """An S3 key source for a profile with a credentials URL. Raises S3KeysError (bad URL)."""
-        if not profile.credentials_url:
-            return
-        client = GovernanceClient(profile.credentials_url)
-        name = profile.name
-
-        async def fetch() -> S3Keys:
-            token = self.state.profile(name).token
-            if token is None:
-                raise S3KeysNeedLoginError(
-                    f"no KBase token is stored for profile {name}, so there are no S3 keys: "
-                    f"log in first (kbdaemon login --profile {name})"
-                )
-            keys = await client.fetch(token)
-            self.on_secret(keys.secret_key)
-            return keys
-
-        self._governance[name] = client
-        self.key_sources[name] = S3KeySource(fetch)
-
-    def _prefetch_keys(self, name: str) -> None:
-        """Fetch a profile's keys in the background, so the first S3 request need not wait."""
-        source = self.key_sources.get(name)
-        if source is None or self.state.profile(name).token is None:
-            return
-
-        async def fetch() -> None:
-            try:
-                await source.get()
-            except S3KeysError as exc:
-                log.warning("profile %s: no S3 keys: %s", name, exc.message)
-
-        task = asyncio.ensure_future(fetch())
-        self._prefetches.add(task)
-        task.add_done_callback(self._prefetches.discard)
-
-    async def _stop_keys(self, name: str) -> None:
-        if (source := self.key_sources.pop(name, None)) is not None:
-            await source.close()
-        if (client := self._governance.pop(name, None)) is not None:
-            await client.close()
 
     async def _start_proxy(self, profile: Profile) -> None:
         if profile.s3_upstream:
@@ -227,7 +177,7 @@ class Daemon:
                 upstream=profile.s3_upstream,
                 port=profile.s3_port,
                 allow_http_hosts=self.settings.s3_allow_http_hosts,
-                keys=self.key_sources.get(profile.name),
+                keys=self.keys.get(profile.name),
             )
             await proxy.start()
             self.proxies[profile.name] = proxy
@@ -251,7 +201,7 @@ class Daemon:
             del self.state.profiles[name]
             if (proxy := self.proxies.pop(name, None)) is not None:
                 await proxy.close()
-            await self._stop_keys(name)
+            await self.keys.stop(name)
         for profile in config.profiles.values():
             before = old.profiles.get(profile.name)
             if before is None:
@@ -281,9 +231,9 @@ class Daemon:
                     await proxy.close()
                 try:
                     if profile.credentials_url != (before.credentials_url if before else None):
-                        await self._stop_keys(profile.name)
-                        self._start_keys(profile)
-                        self._prefetch_keys(profile.name)
+                        await self.keys.stop(profile.name)
+                        self.keys.start(profile)
+                        self.keys.prefetch(profile.name)
                     await self._start_proxy(profile)
                 except (OSError, KBDaemonError) as exc:
                     self.config_error = f"S3 proxy of profile {profile.name}: {exc}"
@@ -316,10 +266,7 @@ class Daemon:
         for proxy in self.proxies.values():
             await proxy.close()
         self.proxies.clear()
-        for task in list(self._prefetches):
-            task.cancel()
-        for name in list(self.key_sources):
-            await self._stop_keys(name)
+        await self.keys.close()
         await self.checker.aclose()
 
     # token handling ---------------------------------------------------------------------------
@@ -339,24 +286,17 @@ class Daemon:
         if found is None:
             if state.token is not None:
                 log.info("profile %s: the token was removed (logout)", name)
-                self._drop_keys(name, "the token was removed")
+                self.keys.drop(name, "the token was removed")
             state.token_missing()
             return None
         changed = state.token != found.token
         if changed:
-            self._drop_keys(name, "another token was stored")
+            self.keys.drop(name, "another token was stored")
         self.on_secret(found.token)
         state.token_loaded(found.token, kind=found.kind, where=found.where, now=self.clock())
         if changed:
-            self._prefetch_keys(name)
+            self.keys.prefetch(name)
         return None
-
-    def _drop_keys(self, name: str, why: str) -> None:
-        source = self.key_sources.get(name)
-        if source is not None and source.status().state != "none":
-            log.info("profile %s: S3 keys dropped (%s)", name, why)
-        if source is not None:
-            source.forget()
 
     async def _validate(self, state: ProfileState) -> None:
         token = state.token
@@ -463,7 +403,7 @@ class Daemon:
     async def _keys_of(self, profile_name: str | None) -> tuple[Profile, S3KeySource]:
         """The profile and its key source, its token read again if a login may have happened."""
         profile = await self._profile(profile_name)
-        source = self.key_sources.get(profile.name)
+        source = self.keys.get(profile.name)
         if source is None:
             where = f" in {self.config.path}" if self.config.path else ""
             raise S3KeysNotConfiguredError(
@@ -503,22 +443,13 @@ class Daemon:
         Raises:
             S3KeysError: no credentials URL, no token, or the service refused or failed.
         """
-        profile, source = await self._keys_of(profile_name)
+        profile, _source = await self._keys_of(profile_name)
         if rotate:
-            token = self.state.profile(profile.name).token
-            if token is None:
-                raise S3KeysNeedLoginError(
-                    f"no KBase token is stored for profile {profile.name}: log in first "
-                    f"(kbdaemon login --profile {profile.name})"
-                )
-            keys = await self._governance[profile.name].rotate(token)
-            self.on_secret(keys.secret_key)
-            source.replace(keys)
-            log.info("profile %s: S3 keys rotated (access key %s)", profile.name, keys.access_key)
+            await self.keys.rotate(profile.name)
         return self._keys_info(profile).to_json()
 
     def _keys_info(self, profile: Profile) -> S3KeysInfo:
-        source = self.key_sources.get(profile.name)
+        source = self.keys.get(profile.name)
         proxy = self.proxies.get(profile.name)
         status = source.status().to_json() if source else {"state": "none"}
         return S3KeysInfo.from_json(
@@ -563,9 +494,7 @@ class Daemon:
                 s3_upstream=profile.s3_upstream,
                 s3_endpoint=proxy.endpoint if proxy else None,
                 credentials_url=profile.credentials_url,
-                s3_keys=(
-                    self.key_sources[name].status().to_json() if name in self.key_sources else None
-                ),
+                s3_keys=source.status().to_json() if (source := self.keys.get(name)) else None,
             )
             profiles.append(entry)
         return {
