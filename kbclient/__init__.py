@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from kbclient._auth2 import TokenCache, TokenInfo, UserInfo
 from kbclient._authclient import KBaseAuthClient, SyncKBaseAuthClient
-from kbclient._connection import ConnectionInfo
+from kbclient._connection import ConnectionInfo, S3Options
 from kbclient._errors import (
     AuthError,
     AuthUnavailableError,
@@ -46,6 +46,7 @@ __all__ = [
     "MFARequiredError",
     "NoTokenError",
     "ProfileError",
+    "S3Options",
     "SparkServerUnavailableError",
     "SyncKBaseAuthClient",
     "TokenCache",

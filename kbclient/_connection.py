@@ -23,13 +23,15 @@ TLS and send ``authorization: Bearer``). ``host`` may contain ``{username}``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 from kbclient._auth2 import TokenCache, format_date, normalize_auth_url
 from kbclient._authclient import SyncKBaseAuthClient
@@ -51,7 +53,7 @@ from kbclient._tokens import (
     read_keyring,
 )
 from kbclient.daemon_api import DaemonAnswerError, fetch_connection
-from kbclient.profiles import load_config
+from kbclient.profiles import ProfileError, load_config
 from kbclient.tokenstore import NoOSKeyringError
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,89 @@ def spark_url(*, host: str, port: int, use_ssl: bool, token: str, username: str)
     )
 
 
+DUMMY_ACCESS_KEY = "kbase-local-proxy"
+DUMMY_SECRET_KEY = "re-signed-by-kbdaemon"  # noqa: S105 - a placeholder the proxy replaces
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Where S3 tools send requests (the local S3 proxy) and the keys they sign with.
+
+    Each method gives one tool's own form; the secret is not in the repr.
+    """
+
+    endpoint: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+
+    @property
+    def _host(self) -> str:
+        return urlsplit(self.endpoint).netloc
+
+    @property
+    def _secure(self) -> bool:
+        return urlsplit(self.endpoint).scheme == "https"
+
+    def object_store(self) -> dict[str, str]:
+        """The object_store (Rust) options deltalake and polars read."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_ALLOW_HTTP": "false" if self._secure else "true",
+        }
+
+    def deltalake(self) -> dict[str, str]:
+        """``storage_options`` of ``deltalake.DeltaTable``/``write_deltalake``."""
+        # One writer per table through the proxy: no locking service, so allow plain renames.
+        return {**self.object_store(), "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+
+    def polars(self) -> dict[str, str]:
+        """``storage_options`` of polars' ``scan_parquet``/``read_parquet``/``scan_delta``."""
+        return {key.lower(): value for key, value in self.object_store().items()}
+
+    def pyarrow(self) -> dict[str, str]:
+        """Keyword arguments of ``pyarrow.fs.S3FileSystem``."""
+        return {
+            "endpoint_override": self._host,
+            "scheme": "https" if self._secure else "http",
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "region": self.region,
+        }
+
+    def pyarrow_filesystem(self) -> Any:
+        """A ``pyarrow.fs.S3FileSystem`` to the local S3 proxy (pyarrow imported here)."""
+        fs = importlib.import_module("pyarrow.fs")  # untyped; needed only here
+        return fs.S3FileSystem(**self.pyarrow())
+
+    def boto3(self) -> dict[str, str]:
+        """Keyword arguments of ``boto3.client("s3", ...)`` (add path-style addressing)."""
+        return {
+            "endpoint_url": self.endpoint,
+            "aws_access_key_id": self.access_key,
+            "aws_secret_access_key": self.secret_key,
+            "region_name": self.region,
+        }
+
+    def duckdb_secret_sql(self, name: str = "kbase") -> str:
+        """A DuckDB ``CREATE OR REPLACE SECRET`` statement for httpfs (run it, then read s3://)."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"a DuckDB secret name is a plain identifier, not {name!r}")
+
+        def literal(value: str) -> str:
+            return "'" + value.replace("'", "''") + "'"
+
+        return (
+            f"CREATE OR REPLACE SECRET {name} (TYPE s3, KEY_ID {literal(self.access_key)}, "
+            f"SECRET {literal(self.secret_key)}, REGION {literal(self.region)}, "
+            f"ENDPOINT {literal(self._host)}, URL_STYLE 'path', "
+            f"USE_SSL {'true' if self._secure else 'false'})"
+        )
+
+
 @dataclass(frozen=True, repr=False)
 class ConnectionInfo:
     """Everything needed to reach the user's Spark server; only ``token`` holds the token in clear.
@@ -130,6 +215,30 @@ class ConnectionInfo:
     s3_endpoint: str | None = None
     mfa: str | None = None
     token: str = field(default="", compare=False)
+
+    def s3_storage_options(
+        self, *, access_key: str | None = None, secret_key: str | None = None
+    ) -> S3Options:
+        """Options for S3 tools (pyarrow, polars, deltalake, DuckDB, boto3) to the local S3 proxy.
+
+        The keys are dummies unless given: kbdaemon's S3 proxy re-signs every request with the
+        user's own keys when its profile has a ``credentials_url``, so the secret never enters
+        the notebook. Give real keys only for a profile whose proxy does not re-sign.
+
+        Raises:
+            ProfileError: the daemon runs no S3 proxy for this profile (the message says how).
+        """
+        if not self.s3_endpoint:
+            raise ProfileError(
+                f"kbdaemon runs no local S3 proxy for profile {self.profile}: set s3_upstream "
+                f"(and credentials_url) under [profiles.{self.profile}] in config.toml and run "
+                "`kbdaemon reload`"
+            )
+        return S3Options(
+            endpoint=self.s3_endpoint,
+            access_key=access_key or DUMMY_ACCESS_KEY,
+            secret_key=secret_key or DUMMY_SECRET_KEY,
+        )
 
     def spark_url_with_token(self) -> str:
         """The Spark Connect URL with the token in clear, for ``SparkSession.builder.remote``."""

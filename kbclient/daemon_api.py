@@ -17,6 +17,14 @@ Protocol, version 1 (the route constants below):
   "expires", "stale", "token_source"}`` (expires in epoch ms or null; s3_endpoint a URL or null;
   token_source where the daemon found the token: ``keyring`` or ``file``; stale true when Auth2
   could not be reached at the last check)
+- ``GET /v1/s3-credentials?profile=NAME`` -> ``S3Credentials.to_json()``: ``{"profile",
+  "access_key", "secret_key", "session_token", "expires", "s3_endpoint"}`` (the user's S3 keys
+  from the data governance service; expires in epoch ms: when a tool should ask again)
+- ``GET /v1/s3-keys?profile=NAME`` -> ``S3KeysInfo.to_json()``: ``{"profile",
+  "credentials_url", "s3_endpoint", "state", "access_key", "fetched_at", "expires_at",
+  "last_error", "last_error_code"}`` (state one of none, fresh, due, expired; times in epoch
+  seconds; never the secret); ``POST /v1/s3-keys/rotate?profile=NAME`` rotates the keys and
+  answers the same
 - errors: ``{"error": {"code": "NEEDS_LOGIN", "message": "..."}}``; ``ErrorCode`` is the one
   table of codes, each with its HTTP status and the exit code the CLIs give for it.
 
@@ -51,6 +59,9 @@ ROUTE_HEALTH = f"/{API_VERSION}/health"
 ROUTE_STATUS = f"/{API_VERSION}/status"
 ROUTE_CONNECTION = f"/{API_VERSION}/connection"
 ROUTE_RELOAD = f"/{API_VERSION}/reload"
+ROUTE_S3_CREDENTIALS = f"/{API_VERSION}/s3-credentials"
+ROUTE_S3_KEYS = f"/{API_VERSION}/s3-keys"
+ROUTE_S3_KEYS_ROTATE = f"/{API_VERSION}/s3-keys/rotate"
 
 
 class ExitCode(enum.IntEnum):
@@ -105,6 +116,7 @@ class ErrorCode(str, enum.Enum):
     S3_KEYS_ERROR = ("S3_KEYS_ERROR", 500, ExitCode.ERROR)
     S3_KEYS_UNAVAILABLE = ("S3_KEYS_UNAVAILABLE", 503, ExitCode.ERROR)
     S3_ACCESS_DENIED = ("S3_ACCESS_DENIED", 403, ExitCode.INVALID_TOKEN)
+    S3_KEYS_NOT_CONFIGURED = ("S3_KEYS_NOT_CONFIGURED", 404, ExitCode.ERROR)
 
     @classmethod
     def named(cls, value: object) -> ErrorCode | None:
@@ -211,6 +223,110 @@ class DaemonConnection:
         )
 
 
+@dataclass(frozen=True)
+class S3Credentials:
+    """The user's S3 keys as the daemon hands them out; the secrets are never in the repr."""
+
+    profile: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    session_token: str = field(default="", repr=False)
+    expires: datetime | None = None
+    s3_endpoint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``/v1/s3-credentials`` answer (with the secret: only ever sent on the socket)."""
+        return {
+            "profile": self.profile,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "session_token": self.session_token or None,
+            "expires": round(self.expires.timestamp() * 1000) if self.expires else None,
+            "s3_endpoint": self.s3_endpoint,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> S3Credentials:
+        """Read a ``/v1/s3-credentials`` answer. Raises KeyError, TypeError or ValueError."""
+        expires_ms = data.get("expires")
+        return cls(
+            profile=str(data["profile"]),
+            access_key=str(data["access_key"]),
+            secret_key=str(data["secret_key"]),
+            session_token=str(data.get("session_token") or ""),
+            expires=(
+                datetime.fromtimestamp(expires_ms / 1000, tz=timezone.utc) if expires_ms else None
+            ),
+            s3_endpoint=data.get("s3_endpoint"),
+        )
+
+    def credential_process(self) -> dict[str, Any]:
+        """The AWS SDKs' ``credential_process`` output (Version 1)."""
+        out: dict[str, Any] = {
+            "Version": 1,
+            "AccessKeyId": self.access_key,
+            "SecretAccessKey": self.secret_key,
+        }
+        if self.session_token:
+            out["SessionToken"] = self.session_token
+        if self.expires is not None:
+            out["Expiration"] = self.expires.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return out
+
+
+@dataclass(frozen=True)
+class S3KeysInfo:
+    """The state of one profile's S3 keys (``kbdaemon s3-keys``): never the secret."""
+
+    profile: str
+    credentials_url: str | None
+    s3_endpoint: str | None
+    state: str  # none, fresh, due, expired
+    access_key: str | None = None
+    fetched_at: float | None = None
+    expires_at: float | None = None
+    last_error: str | None = None
+    last_error_code: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``/v1/s3-keys`` answer."""
+        return {
+            "profile": self.profile,
+            "credentials_url": self.credentials_url,
+            "s3_endpoint": self.s3_endpoint,
+            "state": self.state,
+            "access_key": self.access_key,
+            "fetched_at": self.fetched_at,
+            "expires_at": self.expires_at,
+            "last_error": self.last_error,
+            "last_error_code": self.last_error_code,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> S3KeysInfo:
+        """Read a ``/v1/s3-keys`` answer. Raises KeyError, TypeError or ValueError."""
+
+        def number(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            return None if value is None else str(value)
+
+        return cls(
+            profile=str(data["profile"]),
+            credentials_url=text("credentials_url"),
+            s3_endpoint=text("s3_endpoint"),
+            state=str(data["state"]),
+            access_key=text("access_key"),
+            fetched_at=number("fetched_at"),
+            expires_at=number("expires_at"),
+            last_error=text("last_error"),
+            last_error_code=text("last_error_code"),
+        )
+
+
 def _exchange(
     sock: socket.socket, method: str, target: str, headers: str = ""
 ) -> tuple[int, bytes]:
@@ -309,6 +425,35 @@ def reload(
 ) -> dict[str, Any] | None:
     """Ask the running daemon to read its config and token store again; its status, or None."""
     return request(_with_profile(ROUTE_RELOAD, profile), timeout=timeout, path=path, method="POST")
+
+
+def fetch_s3_credentials(
+    profile: str | None = None, *, timeout: float = 20.0, path: Path | None = None
+) -> S3Credentials | None:
+    """The user's S3 keys from the running daemon, or None if none runs.
+
+    Raises:
+        DaemonAnswerError: the daemon has no keys for the profile (``code`` says why).
+        OSError: the daemon did not answer in time, or not in its protocol.
+    """
+    data = request(_with_profile(ROUTE_S3_CREDENTIALS, profile), timeout=timeout, path=path)
+    return None if data is None else S3Credentials.from_json(data)
+
+
+def s3_keys(
+    profile: str | None = None,
+    *,
+    rotate: bool = False,
+    timeout: float = 60.0,
+    path: Path | None = None,
+) -> S3KeysInfo | None:
+    """The state of a profile's S3 keys (after rotating them, with ``rotate``), or None."""
+    if rotate:
+        target, method = _with_profile(ROUTE_S3_KEYS_ROTATE, profile), "POST"
+    else:
+        target, method = _with_profile(ROUTE_S3_KEYS, profile), "GET"
+    data = request(target, timeout=timeout, path=path, method=method)
+    return None if data is None else S3KeysInfo.from_json(data)
 
 
 def _with_profile(route: str, profile: str | None) -> str:

@@ -8,6 +8,8 @@ optional TOML file ``<user config dir>/kbase-spark-connect/config.toml``, read o
     [profiles.prod]
     s3_upstream = "https://datalake.example.org/"   # the Delta Lake Proxy; enables the S3 proxy
     s3_port = 8900                                  # local port of the S3 proxy (0: any free port)
+    credentials_url = "https://gov.example.org/"    # the data governance service: the daemon
+                                    # fetches your S3 keys there (no built-in default is known)
 
     [profiles.mylab]                   # a custom profile: every key optional, defaults from prod
     auth_url = "https://ci.kbase.us/services/auth/"
@@ -63,6 +65,7 @@ class Profile:
     use_ssl: bool = True
     s3_upstream: str | None = None
     s3_port: int = 0
+    credentials_url: str | None = None
 
     @property
     def token_page(self) -> str:
@@ -97,6 +100,7 @@ _FIELDS: dict[str, type] = {
     "use_ssl": bool,
     "s3_upstream": str,
     "s3_port": int,
+    "credentials_url": str,
 }
 
 

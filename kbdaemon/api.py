@@ -9,6 +9,9 @@ the connection is closed. Handlers translate between the wire and a ``Service`` 
 - ``GET /v1/status``                  -> daemon and per-profile status, never a token
 - ``GET /v1/connection?profile=NAME`` -> connection info with the token (see kbclient.daemon_api)
 - ``POST /v1/reload?profile=NAME``    -> read the token store again (after login / logout)
+- ``GET /v1/s3-credentials?profile=NAME`` -> the user's S3 keys (with the secret)
+- ``GET /v1/s3-keys?profile=NAME``    -> the keys' state, never the secret
+- ``POST /v1/s3-keys/rotate?profile=NAME`` -> new keys from the governance service; their state
 
 Errors are ``{"error": {"code", "message"}}``; codes are those of kbdaemon.errors.
 
@@ -37,6 +40,9 @@ from kbclient.daemon_api import (
     ROUTE_CONNECTION,
     ROUTE_HEALTH,
     ROUTE_RELOAD,
+    ROUTE_S3_CREDENTIALS,
+    ROUTE_S3_KEYS,
+    ROUTE_S3_KEYS_ROTATE,
     ROUTE_STATUS,
     SECRET_HEADER,
     ErrorCode,
@@ -62,6 +68,10 @@ class Service(Protocol):
     async def connection(self, profile: str | None) -> dict[str, Any]: ...
 
     async def reload(self, profile: str | None) -> dict[str, Any]: ...
+
+    async def s3_credentials(self, profile: str | None) -> dict[str, Any]: ...
+
+    async def s3_keys(self, profile: str | None, *, rotate: bool = False) -> dict[str, Any]: ...
 
 
 SERVICE_KEY = web.AppKey("service", Service)
@@ -155,6 +165,21 @@ async def reload(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SERVICE_KEY].reload(profile))
 
 
+async def s3_credentials(request: web.Request) -> web.Response:
+    profile = request.query.get("profile") or None
+    return web.json_response(await request.app[SERVICE_KEY].s3_credentials(profile))
+
+
+async def s3_keys(request: web.Request) -> web.Response:
+    profile = request.query.get("profile") or None
+    return web.json_response(await request.app[SERVICE_KEY].s3_keys(profile))
+
+
+async def s3_keys_rotate(request: web.Request) -> web.Response:
+    profile = request.query.get("profile") or None
+    return web.json_response(await request.app[SERVICE_KEY].s3_keys(profile, rotate=True))
+
+
 def create_app(service: Service, *, secret: str = "") -> web.Application:
     """The API application (middlewares check the peer first, then translate errors)."""
     app = web.Application(middlewares=[same_user_only, json_errors])
@@ -164,6 +189,9 @@ def create_app(service: Service, *, secret: str = "") -> web.Application:
     app.router.add_get(ROUTE_STATUS, status)
     app.router.add_get(ROUTE_CONNECTION, connection)
     app.router.add_post(ROUTE_RELOAD, reload)
+    app.router.add_get(ROUTE_S3_CREDENTIALS, s3_credentials)
+    app.router.add_get(ROUTE_S3_KEYS, s3_keys)
+    app.router.add_post(ROUTE_S3_KEYS_ROTATE, s3_keys_rotate)
     return app
 
 

@@ -5,8 +5,12 @@ reading the token store (off the event loop, with the keystore's timeout), askin
 token (kbclient's ``KBaseAuthClient``), showing desktop notifications. ``run()`` sleeps until the
 state's next wake-up time or until a request changes something (a reload after login or logout);
 there is no polling loop, so an idle daemon costs nothing. Each profile with an ``s3_upstream``
-gets its own local S3 proxy. The socket API (api.py) calls ``health``/``status``/``connection``/
-``reload``; process concerns (pid file, socket, signals, logs) live in process.py.
+gets its own local S3 proxy. Each profile with a ``credentials_url`` gets S3 keys from the data
+governance service with its current token (daemonkeys.py: fetched in the background at start and
+after each login, dropped on logout, in memory only); the profile's S3 proxy re-signs with them,
+and the socket API hands them to ``kbdaemon s3-credentials``. The socket API (api.py) calls
+``health``/``status``/``connection``/``reload``/``s3_credentials``/``s3_keys``; process
+concerns (pid file, socket, signals, logs) live in process.py.
 
 The configuration is read again on ``reload`` (``kbdaemon login``, ``kbdaemon reload``,
 SIGHUP) and when a request names a profile the daemon does not know yet: new profiles are
@@ -34,13 +38,15 @@ from kbclient import (
     TokenExpiredError,
     TokenInfo,
 )
-from kbclient.daemon_api import DaemonConnection
+from kbclient.daemon_api import DaemonConnection, S3Credentials, S3KeysInfo
 from kbclient.profiles import Config, Profile, ProfileError
 from kbdaemon import __version__
 from kbdaemon.api import UnknownProfileError
+from kbdaemon.daemonkeys import ProfileKeys
 from kbdaemon.errors import KBDaemonError, KeyringLockedError, KeystoreError
 from kbdaemon.keystore import Keystore
 from kbdaemon.notify import desktop_notify
+from kbdaemon.s3keys import S3KeysNotConfiguredError, S3KeySource
 from kbdaemon.s3proxy import S3Proxy
 from kbdaemon.settings import DaemonSettings, daemon_settings
 from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
@@ -48,6 +54,9 @@ from kbdaemon.state import DaemonState, ProfileState, Status, TokenFacts
 log = logging.getLogger(__name__)
 
 RELOAD_ON_REQUEST_EVERY = 10.0
+# Seconds a tool may keep the keys of `kbdaemon s3-credentials` before it asks again (the
+# service's keys carry no expiry; SDKs ask again a few minutes before this).
+CREDENTIALS_LIFETIME = 3600.0
 
 
 class TokenChecker(Protocol):
@@ -125,6 +134,9 @@ class Daemon:
         self.settings = settings or daemon_settings(config)
         self.state = DaemonState()
         self.proxies: dict[str, S3Proxy] = {}
+        self.keys = ProfileKeys(
+            token_of=lambda name: self.state.profile(name).token, on_secret=on_secret
+        )
         self.started = clock()
         self._changed = asyncio.Event()
         self._stopping = False
@@ -152,6 +164,8 @@ class Daemon:
         await self._check_due()
         try:
             for profile in self.profiles_served():
+                self.keys.start(profile)
+                self.keys.prefetch(profile.name)
                 await self._start_proxy(profile)
         except BaseException:
             await self.close()
@@ -163,6 +177,7 @@ class Daemon:
                 upstream=profile.s3_upstream,
                 port=profile.s3_port,
                 allow_http_hosts=self.settings.s3_allow_http_hosts,
+                keys=self.keys.get(profile.name),
             )
             await proxy.start()
             self.proxies[profile.name] = proxy
@@ -186,6 +201,7 @@ class Daemon:
             del self.state.profiles[name]
             if (proxy := self.proxies.pop(name, None)) is not None:
                 await proxy.close()
+            await self.keys.stop(name)
         for profile in config.profiles.values():
             before = old.profiles.get(profile.name)
             if before is None:
@@ -194,16 +210,30 @@ class Daemon:
             elif before.auth_url != profile.auth_url:
                 self.state.profile(profile.name).token_missing()
                 await self._load(profile.name)
-            s3 = (profile.s3_upstream, profile.s3_port, settings.s3_allow_http_hosts)
+            s3 = (
+                profile.s3_upstream,
+                profile.s3_port,
+                settings.s3_allow_http_hosts,
+                profile.credentials_url,
+            )
             was = (
-                (before.s3_upstream, before.s3_port, old_settings.s3_allow_http_hosts)
+                (
+                    before.s3_upstream,
+                    before.s3_port,
+                    old_settings.s3_allow_http_hosts,
+                    before.credentials_url,
+                )
                 if before
-                else (None, 0, ())
+                else (None, 0, (), None)
             )
             if s3 != was:
                 if (proxy := self.proxies.pop(profile.name, None)) is not None:
                     await proxy.close()
                 try:
+                    if profile.credentials_url != (before.credentials_url if before else None):
+                        await self.keys.stop(profile.name)
+                        self.keys.start(profile)
+                        self.keys.prefetch(profile.name)
                     await self._start_proxy(profile)
                 except (OSError, KBDaemonError) as exc:
                     self.config_error = f"S3 proxy of profile {profile.name}: {exc}"
@@ -236,6 +266,7 @@ class Daemon:
         for proxy in self.proxies.values():
             await proxy.close()
         self.proxies.clear()
+        await self.keys.close()
         await self.checker.aclose()
 
     # token handling ---------------------------------------------------------------------------
@@ -255,10 +286,16 @@ class Daemon:
         if found is None:
             if state.token is not None:
                 log.info("profile %s: the token was removed (logout)", name)
+                self.keys.drop(name, "the token was removed")
             state.token_missing()
             return None
+        changed = state.token != found.token
+        if changed:
+            self.keys.drop(name, "another token was stored")
         self.on_secret(found.token)
         state.token_loaded(found.token, kind=found.kind, where=found.where, now=self.clock())
+        if changed:
+            self.keys.prefetch(name)
         return None
 
     async def _validate(self, state: ProfileState) -> None:
@@ -363,6 +400,67 @@ class Daemon:
             token_source=answer.token_source,
         ).to_json()
 
+    async def _keys_of(self, profile_name: str | None) -> tuple[Profile, S3KeySource]:
+        """The profile and its key source, its token read again if a login may have happened."""
+        profile = await self._profile(profile_name)
+        source = self.keys.get(profile.name)
+        if source is None:
+            where = f" in {self.config.path}" if self.config.path else ""
+            raise S3KeysNotConfiguredError(
+                f"profile {profile.name} has no credentials_url, so the daemon has no S3 keys: "
+                f'add credentials_url = "https://..." (the data governance service) under '
+                f"[profiles.{profile.name}]{where}, then run `kbdaemon reload`"
+            )
+        state = self.state.profile(profile.name)
+        async with self._lock(profile.name):
+            recent = self.clock() - self._last_reload.get(profile.name, 0.0)
+            if state.token is None and recent >= RELOAD_ON_REQUEST_EVERY:
+                await self._load(profile.name)
+        return profile, source
+
+    async def s3_credentials(self, profile_name: str | None) -> dict[str, Any]:
+        """The profile's S3 keys (``/v1/s3-credentials``). Raises S3KeysError."""
+        profile, source = await self._keys_of(profile_name)
+        keys = await source.get()
+        now = self.clock()
+        until = now + CREDENTIALS_LIFETIME
+        held_until = source.status().expires_at
+        if held_until is not None:
+            until = min(until, held_until)
+        proxy = self.proxies.get(profile.name)
+        return S3Credentials(
+            profile=profile.name,
+            access_key=keys.access_key,
+            secret_key=keys.secret_key,
+            session_token=keys.session_token,
+            expires=datetime.fromtimestamp(until, tz=timezone.utc),
+            s3_endpoint=proxy.endpoint if proxy else None,
+        ).to_json()
+
+    async def s3_keys(self, profile_name: str | None, *, rotate: bool = False) -> dict[str, Any]:
+        """The state of the profile's S3 keys (``/v1/s3-keys``), after a rotation if asked.
+
+        Raises:
+            S3KeysError: no credentials URL, no token, or the service refused or failed.
+        """
+        profile, _source = await self._keys_of(profile_name)
+        if rotate:
+            await self.keys.rotate(profile.name)
+        return self._keys_info(profile).to_json()
+
+    def _keys_info(self, profile: Profile) -> S3KeysInfo:
+        source = self.keys.get(profile.name)
+        proxy = self.proxies.get(profile.name)
+        status = source.status().to_json() if source else {"state": "none"}
+        return S3KeysInfo.from_json(
+            {
+                **status,
+                "profile": profile.name,
+                "credentials_url": profile.credentials_url,
+                "s3_endpoint": proxy.endpoint if proxy else None,
+            }
+        )
+
     async def reload(self, profile_name: str | None) -> dict[str, Any]:
         """Read the config file, then the token store of one profile (or all), again."""
         await self.reload_config()
@@ -395,6 +493,8 @@ class Daemon:
                 use_ssl=profile.use_ssl,
                 s3_upstream=profile.s3_upstream,
                 s3_endpoint=proxy.endpoint if proxy else None,
+                credentials_url=profile.credentials_url,
+                s3_keys=source.status().to_json() if (source := self.keys.get(name)) else None,
             )
             profiles.append(entry)
         return {

@@ -227,6 +227,10 @@ def _print_status(data: dict[str, Any]) -> None:
             print(f"  checked:   {when(p.get('last_ok_check'))} (last successful Auth2 check)")
         if p.get("s3_endpoint"):
             print(f"  S3 proxy:  {p['s3_endpoint']} -> {p['s3_upstream']}")
+        if keys := p.get("s3_keys"):
+            held = f" (access key {keys['access_key']})" if keys.get("access_key") else ""
+            problem = f"; {keys['last_error']}" if keys.get("last_error") else ""
+            print(f"  S3 keys:   {keys['state']}{held} from {p['credentials_url']}{problem}")
         if p.get("warning"):
             print(f"  warning:   {p['warning']}")
         elif p.get("last_error"):

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kbclient.daemon_api import ErrorCode
+from kbclient.daemon_api import ErrorCode, S3Credentials
 from kbdaemon.errors import KBDaemonError
 
 __all__ = [
@@ -43,6 +43,8 @@ __all__ = [
     "S3KeySource",
     "S3Keys",
     "S3KeysError",
+    "S3KeysNeedLoginError",
+    "S3KeysNotConfiguredError",
     "S3KeysTokenRejectedError",
     "S3KeysUnavailableError",
     "credential_process_json",
@@ -55,6 +57,18 @@ class S3KeysError(KBDaemonError):
     """The S3 keys cannot be had; the subclass says why and what to do."""
 
     code = ErrorCode.S3_KEYS_ERROR
+
+
+class S3KeysNotConfiguredError(S3KeysError):
+    """The profile has no ``credentials_url``: the daemon does not know where keys come from."""
+
+    code = ErrorCode.S3_KEYS_NOT_CONFIGURED
+
+
+class S3KeysNeedLoginError(S3KeysError):
+    """No KBase token is stored for the profile: log in first."""
+
+    code = ErrorCode.NEEDS_LOGIN
 
 
 class S3KeysUnavailableError(S3KeysError):
@@ -111,17 +125,18 @@ def credential_process_json(keys: S3Keys, *, expires_at: float | None = None) ->
         expires_at: wall-clock seconds when an SDK should run the process again (it caches
             the keys until a few minutes before); None for no expiry.
     """
-    out: dict[str, Any] = {
-        "Version": 1,
-        "AccessKeyId": keys.access_key,
-        "SecretAccessKey": keys.secret_key,
-    }
-    if keys.session_token:
-        out["SessionToken"] = keys.session_token
-    if expires_at is not None:
-        when = datetime.datetime.fromtimestamp(expires_at, tz=datetime.timezone.utc)
-        out["Expiration"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return out
+    when = (
+        None
+        if expires_at is None
+        else datetime.datetime.fromtimestamp(expires_at, tz=datetime.timezone.utc)
+    )
+    return S3Credentials(
+        profile="",
+        access_key=keys.access_key,
+        secret_key=keys.secret_key,
+        session_token=keys.session_token,
+        expires=when,
+    ).credential_process()
 
 
 @dataclass(frozen=True)
@@ -231,6 +246,14 @@ class S3KeyHolder:
             self._keys = None
             self._stale = False
 
+    def clear(self) -> None:
+        """Forget the keys and the last error (logout, or another user's token)."""
+        self._keys = None
+        self._fetched_at = 0.0
+        self._attempted_at = float("-inf")
+        self._stale = False
+        self._error = None
+
     def mark_stale(self) -> None:
         """The service said the keys changed (or S3 refused them): refresh at the next chance."""
         self._stale = True
@@ -254,7 +277,7 @@ class S3KeyHolder:
             fetched_at=self._fetched_at if self._keys else None,
             expires_at=self._fetched_at + self.keep_for if self._keys else None,
             last_error=self._error.message if self._error else None,
-            last_error_code=self._error.code if self._error else None,
+            last_error_code=self._error.code.value if self._error else None,
         )
 
 
@@ -345,6 +368,13 @@ class S3KeySource:
     def replace(self, keys: S3Keys) -> None:
         """Keys the caller got itself (a rotation) become the held ones."""
         self.holder.fetched(keys, self._clock())
+
+    def forget(self) -> None:
+        """Drop the keys held (logout); a fetch under way is cancelled."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+            self._inflight = None
+        self.holder.clear()
 
     async def close(self) -> None:
         for task in [*self._background, *([self._inflight] if self._inflight else [])]:

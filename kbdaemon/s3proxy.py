@@ -41,6 +41,7 @@ from kbdaemon.s3keys import (
     S3AccessDeniedError,
     S3Keys,
     S3KeysError,
+    S3KeysNeedLoginError,
     S3KeySource,
     S3KeysTokenRejectedError,
 )
@@ -326,7 +327,9 @@ class S3Proxy:
         try:
             return await self._keys.get()
         except S3KeysError as exc:
-            if isinstance(exc, S3KeysTokenRejectedError | S3AccessDeniedError):
+            if isinstance(
+                exc, S3KeysTokenRejectedError | S3AccessDeniedError | S3KeysNeedLoginError
+            ):
                 raise _Failure(*_s3errors.KEYS_REFUSED, exc.message) from None
             raise _Failure(*_s3errors.KEYS_UNAVAILABLE, exc.message) from None
 
