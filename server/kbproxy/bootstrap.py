@@ -234,7 +234,13 @@ def _http_filters(s: Settings) -> list[dict[str, Any]]:
                         "dynamic_metadata_from_headers": {
                             "patterns": [{"exact": BACKEND_HEADER}, {"exact": USER_HEADER}]
                         },
-                        "allowed_client_headers": {"patterns": [{"exact": "content-type"}]},
+                        "allowed_client_headers": {
+                            "patterns": [
+                                {"exact": "content-type"},
+                                # a hub refusal's RetryInfo detail (kbproxy.hubgate)
+                                {"exact": "grpc-status-details-bin"},
+                            ]
+                        },
                     },
                 },
             ),

@@ -141,6 +141,20 @@ def test_failed_spawn_reports_the_hubs_message_then_starts_again() -> None:
     assert t.decision("carol").reason == BACKEND_STARTING
 
 
+def test_a_start_answered_201_whose_spawn_then_fails_is_failed() -> None:
+    """After a failed spawn the hub may answer the next start 201 and fail it a moment later."""
+    clock = Clock()
+    t = tracker(clock)
+    t.refused("carol")
+    assert t.started("carol", StartAnswer.STARTED) is True
+    clock.now += 2
+    assert t.refused("carol") is Ask.STATUS
+    t.status("carol", ServerStatus(exists=False, failure="Spawn failed: no node"))
+    assert t.phase("carol") is Phase.FAILED
+    assert t.decision("carol").reason == BACKEND_SPAWN_FAILED
+    assert t.refused("carol") is Ask.NONE  # held, not started again at once
+
+
 def test_spawn_failed_at_the_start_request() -> None:
     t = tracker(Clock())
     t.refused("carol")
