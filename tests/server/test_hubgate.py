@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
+import pytest
 from kbproxy.hubgate import SeenBackends, accepts, unreached
 
 from testbed.procs import free_port
@@ -56,3 +58,41 @@ async def test_probe_accepts_refuses_and_names_that_do_not_resolve() -> None:
     assert not await accepts("no-such-user.invalid:15002", 2)
     assert not await accepts("not-an-address", 2)
     await asyncio.sleep(0)
+
+
+def test_hub_settings_that_cannot_work_are_refused_at_start(tmp_path: Path) -> None:
+    from kbproxy.errors import ConfigError
+    from kbproxy.server import hub_gate
+    from kbproxy.settings import Settings
+
+    assert hub_gate(Settings()) is None
+    token = tmp_path / "token"
+    for settings, expected in [
+        (Settings(hub_api_token_file=token), "need --hub-url"),
+        (Settings(hub_start_kernel=True), "need --hub-url"),
+        (Settings(hub_url="hub:8081", hub_api_token_file=token), "expected http://"),
+        (Settings(hub_url="http://hub:8081"), "needs --hub-api-token-file"),
+        (Settings(hub_url="http://hub:8081", hub_api_token_file=token), "cannot read"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            hub_gate(settings)
+    token.write_text("\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is empty"):
+        hub_gate(Settings(hub_url="http://hub:8081", hub_api_token_file=token))
+
+
+async def test_the_gate_reads_the_token_once_and_never_shows_it(tmp_path: Path) -> None:
+    from kbproxy.server import hub_gate
+    from kbproxy.settings import Settings
+
+    token = tmp_path / "token"
+    token.write_text("hub-secret-0123456789\n", encoding="utf-8")
+    gate = hub_gate(Settings(hub_url="http://hub:8081/", hub_api_token_file=token))
+    assert gate is not None
+    token.unlink()  # read once, at start
+    try:
+        shown = repr(gate.client) + str(gate.figures())
+        assert "hub-secret" not in shown and gate.client.hub_url == "http://hub:8081"
+        assert gate.figures() == {"hub_backend_probes": 0, "hub_starting_users": 0}
+    finally:
+        await gate.aclose()
