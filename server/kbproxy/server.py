@@ -341,7 +341,10 @@ def hub_gate(s: Settings) -> HubGate | None:
     )
     tracker = SpawnTracker(typical_start_s=60.0, retry_delay_s=5.0)
     starter = HubStarter(
-        hub=client, tracker=tracker, answer_wait_s=2.0, start_kernel=s.hub_start_kernel
+        hub=client,
+        tracker=tracker,
+        answer_wait_s=bootstrap.HUB_ANSWER_WAIT_S,
+        start_kernel=s.hub_start_kernel,
     )
     reporter = ActivityReporter(hub=client, interval_s=s.hub_activity_interval)
     return HubGate(

@@ -96,3 +96,20 @@ async def test_the_gate_reads_the_token_once_and_never_shows_it(tmp_path: Path) 
         assert gate.figures() == {"hub_backend_probes": 0, "hub_starting_users": 0}
     finally:
         await gate.aclose()
+
+
+def test_envoy_gives_the_authorizer_time_for_a_probe_and_the_hubs_answer() -> None:
+    from kbproxy.bootstrap import HUB_ANSWER_WAIT_S, Paths, bootstrap
+    from kbproxy.settings import Settings
+
+    def authz_timeout(settings: Settings) -> float:
+        config = bootstrap(settings, Paths(Path("a.sock"), Path("z.sock"), 1))
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        authz = manager["http_filters"][0]["typed_config"]
+        return float(authz["http_service"]["server_uri"]["timeout"].rstrip("s"))
+
+    plain = Settings(auth_timeout=5, connect_timeout=4)
+    assert authz_timeout(plain) == 7
+    hub = Settings(auth_timeout=5, connect_timeout=4, hub_url="http://hub:8081")
+    assert authz_timeout(hub) == 7 + 4 + HUB_ANSWER_WAIT_S
