@@ -39,6 +39,8 @@ USERS = ("alice", "bob", "carol", "dave", "erin", "frank")
 TOKENS = {f"{user.upper()}HUBTOKEN0123456789abcdef": user for user in USERS}
 TOKEN = {user: token for token, user in TOKENS.items()}
 STARTED_ON = {"envoy": "alice", "grpc": "dave"}
+# dave's server starts Spark Connect only with a kernel: kbproxy starts one (--hub-start-kernel)
+KERNEL_ON = {"grpc": ("--hub-start-kernel",)}
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         tmp_path_factory.mktemp("hub"),
         spark_ports={"alice": ports[0], "bob": ports[1], "dave": ports[2]},
         fail_users={"carol": FAILURE},
+        kernel_users=("dave",),  # Spark Connect starts with a kernel, as in the KBase image
         cull_timeout=CULL_TIMEOUT,
         cull_every=CULL_EVERY,
     )
@@ -77,7 +80,14 @@ def backends(hub: Hub) -> dict[str, str]:
 
 
 def hub_kbproxy(
-    workdir: Path, auth: DevAuthServer, hub: Hub, plane: str, *, hub_url: str, token: str
+    workdir: Path,
+    auth: DevAuthServer,
+    hub: Hub,
+    plane: str,
+    *,
+    hub_url: str,
+    token: str,
+    extra: tuple[str, ...] = (),
 ) -> KbproxyServer:
     token_file = workdir / "hub-token"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +107,7 @@ def hub_kbproxy(
             hub.public_url,
             "--hub-activity-interval",
             "2",
+            *extra,
         ],
     )
 
@@ -117,6 +128,7 @@ def proxies(
                 plane,
                 hub_url=hub.url,
                 token=KBPROXY_TOKEN,
+                extra=KERNEL_ON.get(plane, ()),
             )
         return started[plane]
 
@@ -205,6 +217,7 @@ def test_started_on_demand_kept_alive_while_used_then_culled(
         thread.join(SPAWN_TIMEOUT + 30)
     assert results == [10, 10, 10]
     assert hub.spawns(user) == 1
+    assert hub.kernels(user) == (1 if plane in KERNEL_ON else 0)
     # kbclient: one line per state change of the start, then one "ready" line per client
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("kbclient")]
     starting = [line for line in lines if "is being started through JupyterHub" in line]
@@ -244,6 +257,15 @@ def test_started_on_demand_kept_alive_while_used_then_culled(
     )
     assert hub.spawns(user) == 1 and hub.spawns("bob") == bob_spawns + 1
     assert hub.spawns("erin") == 0 and hub.spawns("frank") == 0
+    if plane == "envoy":
+        # Culled within the time a backend counts as seen up: Envoy's failed connect (access
+        # log flag UF) makes the next call probe, and the server is started again.
+        spark = session(proxy, auth, user, SPAWN_TIMEOUT)
+        try:
+            assert spark.range(5).count() == 5
+        finally:
+            spark.stop()
+        assert hub.spawns(user) == 2
 
 
 @pytest.mark.parametrize("plane", DATA_PLANES)
