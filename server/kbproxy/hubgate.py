@@ -16,8 +16,9 @@ both data planes behave as before. Per allowed call (``policy.Allow``)::
 A ``Refusal`` becomes UNAVAILABLE ``[kbproxy:BACKEND_STARTING] ...`` (or the hub's own error)
 with a ``RetryInfo`` detail: the relay sets ``grpc-status-details-bin`` as a trailer, the
 authorizer as a header of its denial, which Envoy passes to the client (``bootstrap``). Only
-calls that reach the server are recorded as activity, so a refused call keeps nothing alive,
-and a user's calls only ever name that user's server. ``SeenBackends`` is the pure part (an
+calls that reach the server, and calls waiting for it to start (BACKEND_STARTING), are recorded
+as activity: a server that fails or refuses for good is not kept alive, and a user's calls only
+ever name that user's server. ``SeenBackends`` is the pure part (an
 injectable clock, bounded).
 """
 
@@ -29,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from kbproxy.hub import HubClient, Refusal
+from kbproxy.hub import BACKEND_STARTING, HubClient, Refusal
 from kbproxy.hubactivity import ActivityReporter
 from kbproxy.hubstart import HubStarter
 
@@ -127,8 +128,15 @@ class HubGate:
         self.reporter.record(user)
 
     async def refused(self, user: str) -> Refusal:
-        """``user``'s server does not accept connections: start it if needed; the refusal."""
-        return await self.starter.ensure_started(user)
+        """``user``'s server does not accept connections: start it if needed; the refusal.
+
+        A call waiting for its server to start is use too (the culler must not stop a server
+        whose Spark Connect is still starting): BACKEND_STARTING refusals are recorded.
+        """
+        refusal = await self.starter.ensure_started(user)
+        if refusal.reason == BACKEND_STARTING:
+            self.reporter.record(user)
+        return refusal
 
     async def check(self, user: str, backend: str) -> Refusal | None:
         """None when ``backend`` accepts connections (probed unless seen up), else the refusal."""

@@ -300,7 +300,13 @@ class HubStarter:
                     kernel = await self.hub.start_kernel(user)
                 except HubError as exc:
                     log.warning("hub: no kernel started in user %s's server: %s", user, exc)
-                    self.tracker.kernel_failed(user, exc)
+                    # a server that is gone meanwhile (a 201 whose spawn then failed, a stop)
+                    # is told as such, not as the kernel's error
+                    status = await self.hub.server_status(user)
+                    if status.exists and status.ready:
+                        self.tracker.kernel_failed(user, exc)
+                    else:
+                        self.tracker.status(user, status)
                     return
                 log.info("hub: started kernel %s in user %s's server", kernel, user)
         except HubError as exc:

@@ -113,3 +113,31 @@ def test_envoy_gives_the_authorizer_time_for_a_probe_and_the_hubs_answer() -> No
     assert authz_timeout(plain) == 7
     hub = Settings(auth_timeout=5, connect_timeout=4, hub_url="http://hub:8081")
     assert authz_timeout(hub) == 7 + 4 + HUB_ANSWER_WAIT_S
+
+
+async def test_calls_waiting_for_a_start_count_as_use_other_refusals_do_not() -> None:
+    from kbproxy.hub import HubClient, HubUnavailable, StartAnswer
+    from kbproxy.hubactivity import ActivityReporter
+    from kbproxy.hubgate import HubGate
+    from kbproxy.hubstart import HubStarter
+
+    from tests.server.test_hub import FakeHub
+
+    class DownFor(FakeHub):
+        async def start_server(self, user: str) -> StartAnswer:
+            if user == "bob":
+                raise HubUnavailable("JupyterHub is unreachable")
+            return await super().start_server(user)
+
+    hub = DownFor()
+    client = HubClient(hub_url="http://127.0.0.1:1", token="unused-token")
+    reporter = ActivityReporter(hub=hub)
+    gate = HubGate(client=client, starter=HubStarter(hub=hub), reporter=reporter)
+    try:
+        assert (await gate.refused("alice")).reason == "BACKEND_STARTING"
+        assert (await gate.refused("bob")).reason == "HUB_UNAVAILABLE"
+        assert [user for user, _ in reporter.ledger.due(reporter.ledger.interval_s * 2)] == [
+            "alice"
+        ]
+    finally:
+        await gate.aclose()
