@@ -25,13 +25,15 @@ function reads only the code's name and the text, so it needs no import of grpc 
 - UNAVAILABLE, otherwise          -> SparkServerUnavailableError: start your server; *waitable*
 
 A waitable error is one a starting server would give: the caller may retry it for a while.
+``Translated.reason`` is kbproxy's code when there was one; for BACKEND_STARTING,
+``start_state`` says where the hub's start is (requested, pending, Spark starting).
 Every message is scrubbed of the token.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kbclient._errors import (
     LOGIN_HINT,
@@ -101,6 +103,24 @@ class Translated:
 
     error: KBaseError
     waitable: bool = False
+    reason: str | None = None
+    message: str = ""
+
+
+# kbproxy's BACKEND_STARTING sentences (kbproxy/hubstart.py), and the state each names.
+_START_STATES = (
+    ("is up at the hub", "server up, its Spark Connect server starting"),
+    ("is starting at the hub", "pending at the hub"),
+    ("was asked to start", "requested from the hub"),
+)
+
+
+def start_state(message: str) -> str:
+    """Where a BACKEND_STARTING refusal says the hub's start is (a few words)."""
+    for words, state in _START_STATES:
+        if words in message:
+            return state
+    return "starting"
 
 
 def status_of(exc: BaseException) -> tuple[str, str] | None:
@@ -143,7 +163,8 @@ def translate(
     message = scrub(message, token)
     found = _REASON.match(message)
     if found is not None and found.group(1) in REASONS:
-        return _by_reason(found.group(1), message, target=target, username=username)
+        translated = _by_reason(found.group(1), message, target=target, username=username)
+        return replace(translated, reason=found.group(1), message=message)
     reason = _reason_from_words(code, message.lower())
     if reason is not None:
         return _by_reason(reason, message, target=target, username=username)

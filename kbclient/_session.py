@@ -7,7 +7,9 @@ How it works::
     wait until ready              one cheap RPC (spark.version), pyspark retries off;
                                   a starting server (UNAVAILABLE from the proxy) is retried
                                   for at most ``wait_for_server`` seconds, each wait one
-                                  short WARNING line (shows in a notebook); every attempt
+                                  short WARNING line (shows in a notebook); a server the
+                                  hub starts (BACKEND_STARTING) gets one line per state
+                                  change instead (requested, pending, ready); every attempt
                                   runs against that deadline, so the wait never overshoots
     apply app_name, spark_config  then pyspark's own retry policies are put back, each
                                   wrapped by ``_outage.WarningPolicy``: a server lost later
@@ -34,7 +36,7 @@ from kbclient._connection import (
     resolve_connection,
 )
 from kbclient._errors import AuthError, KBaseError, SparkServerUnavailableError
-from kbclient._grpcerrors import START_HINT, Translated, translate
+from kbclient._grpcerrors import START_HINT, Translated, start_state, translate
 from kbclient._outage import Target, WarningPolicy
 
 if TYPE_CHECKING:
@@ -257,6 +259,15 @@ def waiting_message(
     )
 
 
+def starting_message(info: ConnectionInfo, *, state: str, waited: float, deadline: float) -> str:
+    """The one line logged when the hub's start of the user's server changes state."""
+    until = time.strftime("%H:%M:%S", time.localtime(deadline))
+    return (
+        f"Your Spark server ({info.username}) is being started through JupyterHub: {state} "
+        f"({waited:.0f} s so far, giving up at {until})"
+    )
+
+
 def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server: float) -> None:
     """Return once the server answers; raise a kbclient error, never later than the limit."""
     wait_for_server = max(0.0, wait_for_server)
@@ -265,6 +276,7 @@ def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server
     wall_deadline = time.time() + wait_for_server
     delay = _FIRST_DELAY
     last: Translated | None = None
+    state: str | None = None  # of a start through the hub (BACKEND_STARTING)
 
     def slow(_: float) -> None:
         waited = time.monotonic() - started
@@ -277,6 +289,9 @@ def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server
         except TimeoutError:
             raise _gave_up(info, last, time.monotonic() - started) from None
         if exc is None:
+            if state is not None:
+                waited = time.monotonic() - started
+                log.warning("Your Spark server (%s) is ready (after %.0f s)", info.username, waited)
             return
         translated = translate(
             exc, target=info.target, username=info.username, token=info.token, use_ssl=info.use_ssl
@@ -295,12 +310,17 @@ def _wait_until_ready(spark: SparkSession, info: ConnectionInfo, wait_for_server
             raise translated.error from None
         last = translated
         pause = min(delay, room)
-        log.warning(
-            "%s",
-            waiting_message(
-                info, waited=time.monotonic() - started, pause=pause, deadline=wall_deadline
-            ),
-        )
+        waited = time.monotonic() - started
+        if translated.reason == "BACKEND_STARTING":
+            now_state = start_state(translated.message)
+            if now_state != state:
+                state = now_state
+                message = starting_message(info, state=state, waited=waited, deadline=wall_deadline)
+                log.warning("%s", message)
+        else:
+            log.warning(
+                "%s", waiting_message(info, waited=waited, pause=pause, deadline=wall_deadline)
+            )
         time.sleep(pause)
         delay = min(delay * 2, _MAX_DELAY)
 

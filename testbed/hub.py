@@ -120,6 +120,7 @@ def _config(
     proxy_api_port: int,
     spark_ports: Mapping[str, int],
     fail_users: Mapping[str, str],
+    kernel_users: Collection[str],
     cull_timeout: int,
     cull_every: int,
     slow_spawn_timeout: float,
@@ -148,6 +149,7 @@ c.Authenticator.allowed_users = {set(USERS)!r}
 c.JupyterHub.spawner_class = "testbed.hubspawner.SparkSpawner"
 c.SparkSpawner.spark_ports = {dict(spark_ports)!r}
 c.SparkSpawner.fail_users = {dict(fail_users)!r}
+c.SparkSpawner.kernel_users = {sorted(kernel_users)!r}
 c.SparkSpawner.state_dir = {str(state)!r}
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 180
@@ -173,6 +175,7 @@ def start_hub(
     *,
     spark_ports: Mapping[str, int],
     fail_users: Mapping[str, str] | None = None,
+    kernel_users: Collection[str] = (),
     cull_timeout: int = 20,
     cull_every: int = 3,
     slow_spawn_timeout: float = 0,
@@ -183,6 +186,7 @@ def start_hub(
     Args:
         spark_ports: username -> the Spark Connect port its server will listen on.
         fail_users: username -> the message its spawn fails with.
+        kernel_users: users whose Spark Connect server starts only with their first kernel.
         cull_timeout: seconds without activity after which the culler stops a server.
         slow_spawn_timeout: seconds the hub's start request waits before answering 202.
     """
@@ -199,6 +203,7 @@ def start_hub(
             proxy_api_port=proxy_api_port,
             spark_ports=spark_ports,
             fail_users=fail_users or {},
+            kernel_users=kernel_users,
             cull_timeout=cull_timeout,
             cull_every=cull_every,
             slow_spawn_timeout=slow_spawn_timeout,

@@ -11,8 +11,10 @@ prefix ``/user/<name>/``:
     POST api/kernels     201 {"id": ..., "name": "python3"} when the caller's token may access
                          this server (checked with the hub's own API), else 403
 
-Every kernel start is appended to ``W/kernels.log``. SIGTERM (the spawner's stop) stops Spark
-Connect, then exits.
+Every kernel start is appended to ``W/kernels.log``. With ``--spark-on-kernel`` (as the KBase
+notebook image, whose kernel startup starts Spark Connect) the HTTP server comes first and the
+first kernel start starts Spark Connect in the background. SIGTERM (the spawner's stop) stops
+Spark Connect, then exits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import threading
 import urllib.request
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -71,7 +74,9 @@ def post_start_activity() -> None:
         pass
 
 
-def make_handler(name: str, spark_port: int, workdir: Path) -> type[BaseHTTPRequestHandler]:
+def make_handler(
+    name: str, spark_port: int, workdir: Path, on_kernel: Callable[[], None] = lambda: None
+) -> type[BaseHTTPRequestHandler]:
     prefix = f"/user/{name}/"
 
     class Handler(BaseHTTPRequestHandler):
@@ -103,6 +108,7 @@ def make_handler(name: str, spark_port: int, workdir: Path) -> type[BaseHTTPRequ
             kernel = {"id": str(uuid.uuid4()), "name": "python3"}
             with open(workdir / "kernels.log", "a", encoding="utf-8") as log:
                 log.write(kernel["id"] + "\n")
+            on_kernel()
             self._reply(201, kernel)
 
     return Handler
@@ -114,12 +120,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--spark-port", type=int, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--spark-on-kernel", action="store_true")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    spark = start_spark_connect(args.workdir / "spark", port=args.spark_port)
-    (args.workdir / "spark.pid").write_text(str(spark.child.pid), encoding="utf-8")
+    sparks: list[Any] = []
+    lock = threading.Lock()
+    spark_asked = threading.Event()
+
+    def start_spark() -> None:
+        spark = start_spark_connect(args.workdir / "spark", port=args.spark_port)
+        (args.workdir / "spark.pid").write_text(str(spark.child.pid), encoding="utf-8")
+        sparks.append(spark)
+
+    def on_kernel() -> None:
+        with lock:
+            if args.spark_on_kernel and not spark_asked.is_set():
+                spark_asked.set()
+                threading.Thread(target=start_spark, daemon=True).start()
+
+    if not args.spark_on_kernel:
+        start_spark()
     server = ThreadingHTTPServer(
-        ("127.0.0.1", args.http_port), make_handler(args.name, args.spark_port, args.workdir)
+        ("127.0.0.1", args.http_port),
+        make_handler(args.name, args.spark_port, args.workdir, on_kernel),
     )
     threading.Thread(target=post_start_activity, daemon=True).start()
     stopping = threading.Event()
@@ -135,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
-        spark.stop()
+        for spark in sparks:
+            spark.stop()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ user's Spark Connect port taken from ``spark_ports`` (fixed per user, so kbproxy
 known before any spawn, as a KubeSpawner service name is), and appends the user's name to
 ``state_dir/spawns.log`` (each line one start the hub asked for). A user listed in
 ``fail_users`` fails after a short delay with the given message, as a pod that cannot be
-scheduled does. ``stop()`` sends SIGTERM to the group (the server stops Spark), then SIGKILL.
+scheduled does; one in ``kernel_users`` starts Spark Connect only with its first kernel (as the
+KBase notebook image does). ``stop()`` sends SIGTERM to the group (the server stops Spark),
+then SIGKILL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.utils import random_port
-from traitlets import Dict, Unicode
+from traitlets import Dict, List, Unicode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +46,7 @@ class SparkSpawner(Spawner):  # type: ignore[misc]
 
     spark_ports = Dict(config=True, help="username -> Spark Connect port")
     fail_users = Dict(config=True, help="username -> message of a spawn that fails")
+    kernel_users = List(config=True, help="users whose Spark Connect starts with a kernel")
     state_dir = Unicode(config=True, help="where spawns.log and each user's workdir go")
 
     _proc: subprocess.Popen[bytes] | None = None
@@ -69,6 +72,8 @@ class SparkSpawner(Spawner):  # type: ignore[misc]
         argv = [sys.executable, "-m", "testbed.hubserver", "--name", name]
         argv += ["--http-port", str(port), "--spark-port", str(self.spark_ports[name])]
         argv += ["--workdir", str(workdir)]
+        if name in self.kernel_users:
+            argv.append("--spark-on-kernel")
         self._proc = await asyncio.to_thread(_launch, argv, env, workdir / "hubserver.log")
         return ("127.0.0.1", port)
 

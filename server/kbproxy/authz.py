@@ -13,6 +13,9 @@ How it works::
                    Deny  -> the reason's HTTP status (401, 403, 404, 429, 400) and the message as
                    body; Envoy answers the gRPC client with the mapped grpc-status and the body
                    as grpc-message
+        with --hub-url, an Allow first asks the HubGate whether the backend accepts
+        connections; if not, the hub starter's refusal is the denial, its RetryInfo detail in
+        a grpc-status-details-bin header (Envoy passes it to the client)
 
 The HTTP server is aiohttp's low-level server (no router, no middleware): one handler, headers
 in, status and headers out. The token is never logged.
@@ -24,13 +27,19 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from kbproxy import policy
 from kbproxy.auth import Authenticator, Identity
 from kbproxy.errors import ProxyError
+from kbproxy.hub import status_details_header
+from kbproxy.reasons import Reason
 from kbproxy.routing import Router
+
+if TYPE_CHECKING:
+    from kbproxy.hubgate import HubGate
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +79,9 @@ _ASKED = ("x-kbase-token", "authorization")
 class AuthzHttp:
     """Envoy's HTTP ext_authz service on a Unix socket."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, gate: HubGate | None = None) -> None:
         self.authorizer = authorizer
+        self.gate = gate
         self._runner: web.ServerRunner | None = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -84,6 +94,14 @@ class AuthzHttp:
         )
         if isinstance(decision, policy.Deny):
             return web.Response(status=decision.http_status, text=decision.message)
+        if self.gate is not None:
+            refusal = await self.gate.check(decision.user, decision.backend)
+            if refusal is not None:
+                return web.Response(
+                    status=Reason(refusal.reason).http_status,
+                    text=refusal.message,
+                    headers={"grpc-status-details-bin": status_details_header(refusal)},
+                )
         return web.Response(status=200, headers=dict(decision.upstream_headers))
 
     async def start(self, path: Path) -> None:

@@ -54,6 +54,7 @@ ACCESS_LOG_FIELDS = {
     "message": "%TRAILER(grpc-message)%",
     "early_message": "%RESP(grpc-message)%",
 }
+HUB_ANSWER_WAIT_S = 2.0  # kbproxy.hubstart.HubStarter's answer_wait_s, as kbproxy serve sets it
 AUTHZ_ERROR_STATUS = 500  # only an authorizer failure gives it (kbproxy's denials never do)
 
 
@@ -208,6 +209,11 @@ def _routes() -> dict[str, Any]:
     }
 
 
+def _hub_time(s: Settings) -> float:
+    """With --hub-url, what the authorizer may add: a backend probe and the hub's first answer."""
+    return s.connect_timeout + HUB_ANSWER_WAIT_S if s.hub_url else 0.0
+
+
 def _http_filters(s: Settings) -> list[dict[str, Any]]:
     return [
         {
@@ -225,7 +231,7 @@ def _http_filters(s: Settings) -> list[dict[str, Any]]:
                         "uri": "http://kbproxy-authz",
                         "cluster": "kbproxy_authz",
                         # Auth2's own timeout, plus time for kbproxy to answer
-                        "timeout": _seconds(s.auth_timeout + 2.0),
+                        "timeout": _seconds(s.auth_timeout + 2.0 + _hub_time(s)),
                     },
                     "authorization_response": {
                         "allowed_upstream_headers": {
@@ -234,7 +240,13 @@ def _http_filters(s: Settings) -> list[dict[str, Any]]:
                         "dynamic_metadata_from_headers": {
                             "patterns": [{"exact": BACKEND_HEADER}, {"exact": USER_HEADER}]
                         },
-                        "allowed_client_headers": {"patterns": [{"exact": "content-type"}]},
+                        "allowed_client_headers": {
+                            "patterns": [
+                                {"exact": "content-type"},
+                                # a hub refusal's RetryInfo detail (kbproxy.hubgate)
+                                {"exact": "grpc-status-details-bin"},
+                            ]
+                        },
                     },
                 },
             ),

@@ -1,4 +1,4 @@
-"""JupyterHub for kbproxy: the hub client, the refusals of a server that is not up (not yet wired).
+"""JupyterHub for kbproxy: the hub client, the refusals of a server that is not up.
 
 How it works: ``HubClient`` is the only I/O towards the hub (httpx, ``Authorization: token
 ...``; the service token never appears in a log, repr or message). It translates the hub's

@@ -1,4 +1,4 @@
-"""Keep users' servers alive at JupyterHub while they are used through kbproxy (not yet wired).
+"""Keep users' servers alive at JupyterHub while they are used through kbproxy.
 
 How it works: ``ActivityReporter.record(user)`` is a dict write per call (called for every call
 that reaches the user's server). One loop (``run``) posts each user's last call to

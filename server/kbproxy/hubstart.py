@@ -1,4 +1,4 @@
-"""Start users' servers through JupyterHub on demand: per-user state, single flight (not yet wired).
+"""Start users' servers through JupyterHub on demand: per-user state, single flight.
 
 How it works. When a user's backend does not accept a connection, the data plane asks
 ``HubStarter.ensure_started(user)`` for the refusal to send. Per user, ``SpawnTracker`` (no I/O,
@@ -8,6 +8,7 @@ one at a time::
     UNKNOWN --start--> REQUESTED --201/400 running--> READY --backend accepts--> (forgotten)
        ^                  |   \\--202--> PENDING --status: ready--> READY
        |                  |                 \\--status: no server + hub message--> FAILED
+       |                  |                      (also from READY: a 201 whose spawn then failed)
        |                  \\--500 spawn error--> FAILED --after failed_hold_s--> start again
        \\--status: no server (stopped, culled)--/
 
@@ -165,7 +166,8 @@ class SpawnTracker:
         was = entry.phase
         if status.exists:
             self._move(entry, Phase.READY if status.ready else Phase.PENDING)
-        elif status.failure and was in (Phase.REQUESTED, Phase.PENDING):
+        elif status.failure and was in (Phase.REQUESTED, Phase.PENDING, Phase.READY):
+            # READY too: after a failed spawn the hub may answer the next start 201 at once
             entry.failure = status.failure
             self._move(entry, Phase.FAILED)
         else:  # stopped or culled since: start it again on the next refused call
@@ -298,7 +300,13 @@ class HubStarter:
                     kernel = await self.hub.start_kernel(user)
                 except HubError as exc:
                     log.warning("hub: no kernel started in user %s's server: %s", user, exc)
-                    self.tracker.kernel_failed(user, exc)
+                    # a server that is gone meanwhile (a 201 whose spawn then failed, a stop)
+                    # is told as such, not as the kernel's error
+                    status = await self.hub.server_status(user)
+                    if status.exists and status.ready:
+                        self.tracker.kernel_failed(user, exc)
+                    else:
+                        self.tracker.status(user, status)
                     return
                 log.info("hub: started kernel %s in user %s's server", kernel, user)
         except HubError as exc:

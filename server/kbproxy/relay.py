@@ -6,6 +6,8 @@ How it works, per call::
     metadata --Authorizer (policy + token cache)--> Deny: its status and message
                                                  Allow(user, backend): pooled channel
     connected within connect_timeout? --no--> UNAVAILABLE [kbproxy:BACKEND_UNAVAILABLE]
+                                      (with --hub-url: the HubGate's refusal, e.g.
+                                      [kbproxy:BACKEND_STARTING] with a RetryInfo trailer)
     backend call (same method, metadata minus hop-by-hop and routing keys, the client's deadline)
     relay: requests ->, initial metadata <-, responses <-, status + details + trailers <-
 
@@ -25,7 +27,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -33,8 +35,12 @@ import grpc.aio
 from kbproxy import policy
 from kbproxy.authz import Authorizer
 from kbproxy.errors import BackendUnavailable, ProxyError
+from kbproxy.hub import Refusal, status_details_bin
 from kbproxy.pool import ChannelPool, PooledChannel
 from kbproxy.reasons import Reason
+
+if TYPE_CHECKING:
+    from kbproxy.hubgate import HubGate
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,10 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         pool: ChannelPool,
         connect_timeout: float = 5.0,
         observer: CallObserver | None = None,
+        gate: HubGate | None = None,
     ) -> None:
         self.authorizer = authorizer
+        self.gate = gate
         self.pool = pool
         self.connect_timeout = connect_timeout
         self.observer = observer or CallObserver()
@@ -178,7 +186,7 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
                 record.bytes_in += len(request)
             pooled = self.pool.acquire(route.backend)
             try:
-                await self._connected(pooled.channel, route)
+                await self._connected_or_started(pooled.channel, route)
                 if unary:
                     assert request is not None
                     return await self._relay_unary(
@@ -192,6 +200,14 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             record.code, record.details = deny.code, deny.message
             context.set_code(deny.code)
             context.set_details(deny.message)
+        except _HubRefused as refused:
+            refusal = refused.refusal
+            record.code, record.details = refusal.code, refusal.message
+            context.set_code(refusal.code)
+            context.set_details(refusal.message)
+            context.set_trailing_metadata(
+                (("grpc-status-details-bin", status_details_bin(refusal)),)
+            )
         except ProxyError as exc:
             record.code, record.details = exc.code, str(exc)
             context.set_code(exc.code)
@@ -209,6 +225,17 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         finally:
             self.observer.finished(record)
         return None
+
+    async def _connected_or_started(self, channel: grpc.aio.Channel, route: Route) -> None:
+        """Connected, or (with a hub gate) the hub starter's refusal raised as _HubRefused."""
+        if self.gate is None:
+            await self._connected(channel, route)
+            return
+        try:
+            await self._connected(channel, route)
+        except BackendUnavailable:
+            raise _HubRefused(await self.gate.refused(route.username)) from None
+        self.gate.reached(route.username, route.backend)
 
     async def _connected(self, channel: grpc.aio.Channel, route: Route) -> None:
         if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
@@ -341,6 +368,14 @@ class _Refused(Exception):
     def __init__(self, deny: policy.Deny) -> None:
         super().__init__(deny.message)
         self.deny = deny
+
+
+class _HubRefused(Exception):
+    """A call whose server is not up, answered by the hub starter (internal to the relay)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 async def _refuse_unknown_service(request: bytes, context: grpc.aio.ServicerContext) -> bytes:

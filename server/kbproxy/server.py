@@ -8,6 +8,8 @@ How it works::
            bootstrap and Envoy's admin socket; Envoy supervised (kbproxy.dataplane), its access
            log feeding the statistics and kbproxy's access log
     data plane "grpc": the gRPC server (relay + health) is the public port
+    --hub-url: the hub client, starter and activity reporter (kbproxy.hubgate) on both data
+           planes; the service token is read once from --hub-api-token-file; one reporter task
     prints "kbproxy listening on HOST:PORT" when ready (one log line says which data plane)
     SIGTERM/SIGINT: draining (health NOT_SERVING, /readyz 503, new calls refused DRAINING);
            Envoy: graceful listener drain, wait for running calls up to `drain_grace`, stop;
@@ -39,6 +41,10 @@ from kbproxy.auth import Auth2Client, Authenticator, MfaPolicy, TokenCache
 from kbproxy.authz import Authorizer, AuthzHttp
 from kbproxy.dataplane import INSTALL_HINT, Envoy, find_envoy, parse_access_line
 from kbproxy.errors import ConfigError, ListenError
+from kbproxy.hub import HubClient
+from kbproxy.hubactivity import ActivityReporter
+from kbproxy.hubgate import HubGate, unreached
+from kbproxy.hubstart import HubStarter, SpawnTracker
 from kbproxy.options import DATA_PLANES
 from kbproxy.pool import ChannelPool, channel_options
 from kbproxy.relay import Relay
@@ -104,12 +110,16 @@ class ProxyServer:
                 max_message=s.max_message_size, keepalive_s=s.backend_keepalive
             ),
         )
+        self.gate = hub_gate(s)
         self.stats = Stats(authenticator=self.authenticator, pool=self.pool)
+        if self.gate is not None:
+            self.stats.hub_figures = self.gate.figures
         self.relay = Relay(
             authorizer=self.authorizer,
             pool=self.pool,
             connect_timeout=s.connect_timeout,
             observer=self.stats,
+            gate=self.gate,
         )
         self.health = health.aio.HealthServicer()
         self.draining = False
@@ -179,6 +189,9 @@ class ProxyServer:
             await self._close()
             raise
         self._sweeper = asyncio.create_task(self.pool.run_sweeper())
+        if self.gate is not None:
+            self.gate.start()
+            log.info("JupyterHub: %s (start on demand, keep alive)", self.gate.client.hub_url)
 
     def _public_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
@@ -204,7 +217,7 @@ class ProxyServer:
             authz_socket=workdir / "authz.sock",
             health_port=health_port,
         )
-        self._authz = AuthzHttp(self.authorizer)
+        self._authz = AuthzHttp(self.authorizer, self.gate)
         await self._authz.start(paths.authz_socket)
         self.envoy = Envoy(
             binary=self.envoy_binary,
@@ -233,6 +246,8 @@ class ProxyServer:
             if line.strip():
                 log.info("envoy: %s", line.strip()[:500])
             return
+        if self.gate is not None and entry.backend != "-" and unreached(entry.flags):
+            self.gate.lost(entry.backend)
         self.stats.envoy_call(entry)
 
     async def _start_stats(self) -> None:
@@ -277,6 +292,8 @@ class ProxyServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         await self.pool.close()
+        if self.gate is not None:
+            await self.gate.aclose()
         await self.auth_client.aclose()
         if self._authz is not None:
             await self._authz.close()
@@ -287,6 +304,52 @@ class ProxyServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def hub_gate(s: Settings) -> HubGate | None:
+    """The hub client, starter and reporter of ``--hub-url``, or None without it.
+
+    Raises:
+        ConfigError: no readable, non-empty ``--hub-api-token-file``.
+    """
+    if s.hub_url is None or not s.hub_url.strip():
+        if s.hub_api_token_file is not None or s.hub_start_kernel:
+            raise ConfigError(
+                "--hub-api-token-file and --hub-start-kernel need --hub-url (the hub's address)"
+            )
+        return None
+    if not s.hub_url.startswith(("http://", "https://")):
+        raise ConfigError(f"--hub-url {s.hub_url}: expected http://HOST:PORT or https://...")
+    if s.hub_api_token_file is None:
+        raise ConfigError(
+            "--hub-url needs --hub-api-token-file FILE (the hub service token of kbproxy)"
+        )
+    try:
+        token = s.hub_api_token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(
+            f"cannot read the hub token file {s.hub_api_token_file}: {reason}"
+        ) from None
+    if not token:
+        raise ConfigError(f"the hub token file {s.hub_api_token_file} is empty")
+    client = HubClient(
+        hub_url=s.hub_url.strip(),
+        token=token,
+        public_url=s.hub_public_url or None,
+        timeout=10.0,
+    )
+    tracker = SpawnTracker(typical_start_s=60.0, retry_delay_s=5.0)
+    starter = HubStarter(
+        hub=client,
+        tracker=tracker,
+        answer_wait_s=bootstrap.HUB_ANSWER_WAIT_S,
+        start_kernel=s.hub_start_kernel,
+    )
+    reporter = ActivityReporter(hub=client, interval_s=s.hub_activity_interval)
+    return HubGate(
+        client=client, starter=starter, reporter=reporter, connect_timeout=s.connect_timeout
+    )
 
 
 async def _port_free(listen: tuple[str, int]) -> bool:

@@ -245,6 +245,45 @@ OPTIONS: tuple[Option, ...] = (
         "BYTES",
     ),
     Option(
+        "--hub-url",
+        str,
+        None,
+        "JupyterHub's own address (e.g. http://hub:8081): start a user's server through the hub "
+        "when it does not accept a connection, and keep it alive while it is used (needs "
+        "--hub-api-token-file)",
+        "URL",
+    ),
+    Option(
+        "--hub-api-token-file",
+        Path,
+        None,
+        "file holding kbproxy's hub service token (read once at start; scopes servers, "
+        "users:activity, read:users, and access:servers for --hub-start-kernel)",
+        "FILE",
+    ),
+    Option(
+        "--hub-public-url",
+        str,
+        None,
+        "the hub's proxy in front of users' servers, for --hub-start-kernel (default: --hub-url)",
+        "URL",
+    ),
+    Option(
+        "--hub-start-kernel",
+        _bool,
+        False,
+        "once a server the hub started is ready, start one kernel in it (for images that start "
+        "Spark Connect in a kernel's startup)",
+        switch=True,
+    ),
+    Option(
+        "--hub-activity-interval",
+        parse_seconds,
+        60.0,
+        "at most one activity post per user to the hub this often (the idle culler sees it)",
+        "SECONDS",
+    ),
+    Option(
         "--event-loop",
         parse_choice(EVENT_LOOPS),
         "auto",
@@ -299,6 +338,11 @@ class Settings:
     idle_connection_timeout: float = DEFAULTS["idle_connection_timeout"]
     connection_buffer_limit: int = DEFAULTS["connection_buffer_limit"]
     max_heap: int = DEFAULTS["max_heap"]
+    hub_url: str | None = DEFAULTS["hub_url"]
+    hub_api_token_file: Path | None = DEFAULTS["hub_api_token_file"]
+    hub_public_url: str | None = DEFAULTS["hub_public_url"]
+    hub_start_kernel: bool = DEFAULTS["hub_start_kernel"]
+    hub_activity_interval: float = DEFAULTS["hub_activity_interval"]
     event_loop: str = DEFAULTS["event_loop"]
     log_format: str = DEFAULTS["log_format"]
     log_level: str = DEFAULTS["log_level"]

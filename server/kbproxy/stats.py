@@ -53,6 +53,7 @@ class Stats(CallObserver):
         self.refusals: Counter[str] = Counter()
         self.envoy_figures: Callable[[], Awaitable[dict[str, int]]] | None = None
         self.envoy: dict[str, int] | None = None
+        self.hub_figures: Callable[[], dict[str, int]] | None = None  # with --hub-url
         self.registry = CollectorRegistry()
         self._duration = Histogram(
             "kbproxy_call_duration_seconds",
@@ -153,6 +154,7 @@ class Stats(CallObserver):
             },
             "refusals": dict(self.refusals),
             "envoy": self.envoy,
+            "hub": self.hub_figures() if self.hub_figures is not None else None,
         }
 
 

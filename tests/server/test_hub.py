@@ -141,6 +141,20 @@ def test_failed_spawn_reports_the_hubs_message_then_starts_again() -> None:
     assert t.decision("carol").reason == BACKEND_STARTING
 
 
+def test_a_start_answered_201_whose_spawn_then_fails_is_failed() -> None:
+    """After a failed spawn the hub may answer the next start 201 and fail it a moment later."""
+    clock = Clock()
+    t = tracker(clock)
+    t.refused("carol")
+    assert t.started("carol", StartAnswer.STARTED) is True
+    clock.now += 2
+    assert t.refused("carol") is Ask.STATUS
+    t.status("carol", ServerStatus(exists=False, failure="Spawn failed: no node"))
+    assert t.phase("carol") is Phase.FAILED
+    assert t.decision("carol").reason == BACKEND_SPAWN_FAILED
+    assert t.refused("carol") is Ask.NONE  # held, not started again at once
+
+
 def test_spawn_failed_at_the_start_request() -> None:
     t = tracker(Clock())
     t.refused("carol")
@@ -327,8 +341,34 @@ async def test_a_failed_kernel_start_is_held_then_tried_again() -> None:
     assert t.phase("alice") is Phase.PENDING
     clock.now += 5
     await starter.ensure_started("alice")
-    kernel_try = [("status", "alice"), ("kernel", "alice")]
+    kernel_try = [("status", "alice"), ("kernel", "alice"), ("status", "alice")]
     assert hub.calls == [("start", "alice"), *kernel_try, *kernel_try]
+    await starter.aclose()
+
+
+async def test_a_kernel_start_failing_because_the_spawn_failed_reports_the_spawn() -> None:
+    """A 201 whose spawn then fails: the kernel start fails, and the hub's message is told."""
+
+    class FailedSpawn(FakeHub):
+        async def start_server(self, user: str) -> StartAnswer:
+            self.calls.append(("start", user))
+            return StartAnswer.STARTED
+
+        async def server_status(self, user: str) -> ServerStatus:
+            self.calls.append(("status", user))
+            return ServerStatus(exists=False, failure="Spawn failed: no node")
+
+        async def start_kernel(self, user: str) -> str:
+            self.calls.append(("kernel", user))
+            raise HubForbidden("JupyterHub refused kbproxy's service token for POST ...")
+
+    hub = FailedSpawn()
+    t = tracker(Clock())
+    starter = HubStarter(hub=hub, tracker=t, start_kernel=True)
+    decision = await starter.ensure_started("carol")
+    assert hub.calls == [("start", "carol"), ("kernel", "carol"), ("status", "carol")]
+    assert t.phase("carol") is Phase.FAILED
+    assert decision.reason == BACKEND_SPAWN_FAILED and "Spawn failed: no node" in decision.message
     await starter.aclose()
 
 
