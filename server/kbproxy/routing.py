@@ -23,7 +23,8 @@ from pathlib import Path
 from kbproxy.errors import ConfigError
 from kbproxy.slugs import DEFAULT_NAME_SCHEME, NAME_SCHEMES, NameScheme, backend_name
 
-DEFAULT_TEMPLATE = "spark-connect-{username}.{namespace}.svc.cluster.local:15002"
+# KubeSpawner names the pod and Service of a user's default server jupyter-{username}
+DEFAULT_TEMPLATE = "jupyter-{username}.{namespace}.svc.cluster.local:15002"
 TEMPLATE_FIELDS = frozenset({"username", "namespace"})
 
 
