@@ -36,6 +36,7 @@ read, and every request carries the secret in ``X-KBDaemon-Secret``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -290,17 +291,7 @@ class S3KeysInfo:
 
     def to_json(self) -> dict[str, Any]:
         """The ``/v1/s3-keys`` answer."""
-        return {
-            "profile": self.profile,
-            "credentials_url": self.credentials_url,
-            "s3_endpoint": self.s3_endpoint,
-            "state": self.state,
-            "access_key": self.access_key,
-            "fetched_at": self.fetched_at,
-            "expires_at": self.expires_at,
-            "last_error": self.last_error,
-            "last_error_code": self.last_error_code,
-        }
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> S3KeysInfo:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import time
@@ -151,14 +152,7 @@ class KeyStatus:
     last_error_code: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state,
-            "access_key": self.access_key,
-            "fetched_at": self.fetched_at,
-            "expires_at": self.expires_at,
-            "last_error": self.last_error,
-            "last_error_code": self.last_error_code,
-        }
+        return dataclasses.asdict(self)
 
 
 class S3KeyHolder:
