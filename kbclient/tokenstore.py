@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,23 @@ def default_token_file() -> Path:
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False)) / TOKEN_FILE_NAME
 
 
+def close_abandoned_connections(exc: BaseException) -> None:
+    """Close the D-Bus connections a failed keyring call left open, then free its frames.
+
+    keyring's SecretService backend opens a connection and raises KeyringLocked without closing
+    it; the connection sits in reference cycles, so without this each locked-keyring check would
+    hold a socket until some later garbage collection.
+    """
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        for value in list(frame.f_locals.values()):
+            if type(value).__module__.startswith("jeepney.") and callable(
+                getattr(value, "close", None)
+            ):
+                with contextlib.suppress(Exception):
+                    value.close()
+    traceback.clear_frames(exc.__traceback__)
+
+
 def call_with_timeout(func: Callable[[], T], timeout: float, what: str) -> T:
     """Run a blocking call in a daemon thread; give up after ``timeout`` seconds.
 
@@ -113,6 +131,7 @@ def call_with_timeout(func: Callable[[], T], timeout: float, what: str) -> T:
         try:
             result.append(func())
         except BaseException as exc:  # handed to the caller's thread
+            close_abandoned_connections(exc)
             error.append(exc)
         finally:
             done.set()
