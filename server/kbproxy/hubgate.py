@@ -138,6 +138,13 @@ class HubGate:
             self.reporter.record(user)
         return refusal
 
+    def passes_now(self, user: str, backend: str) -> bool:
+        """True when ``backend`` was seen up lately (recorded as reached); False: ``check`` it."""
+        if not self.seen.fresh(backend):
+            return False
+        self.reached(user, backend)
+        return True
+
     async def check(self, user: str, backend: str) -> Refusal | None:
         """None when ``backend`` accepts connections (probed unless seen up), else the refusal."""
         if not self.seen.fresh(backend):
