@@ -117,6 +117,12 @@ def _response(status: int, body: str = "", headers: tuple[tuple[str, str], ...] 
     return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + data
 
 
+def _decided(decision: policy.Decision) -> bytes:
+    if isinstance(decision, policy.Deny):
+        return _response(decision.http_status, decision.message)
+    return _response(200, headers=decision.upstream_headers)
+
+
 class AuthzHttp:
     """Envoy's HTTP ext_authz service on a Unix socket."""
 
@@ -135,18 +141,18 @@ class AuthzHttp:
         decision = self.authorizer.decide_now(headers)
         if decision is None:
             return None
-        if isinstance(decision, policy.Deny):
-            return _response(decision.http_status, decision.message)
-        if self.gate is not None and not self.gate.passes_now(decision.user, decision.backend):
+        if (
+            isinstance(decision, policy.Allow)
+            and self.gate is not None
+            and not self.gate.passes_now(decision.user, decision.backend)
+        ):
             return None
-        return _response(200, headers=decision.upstream_headers)
+        return _decided(decision)
 
     async def answer(self, headers: list[tuple[str, str]]) -> bytes:
         """The response after the I/O a decision needs (Auth2, the hub's view of the backend)."""
         decision = await self.authorizer.authorize(headers)
-        if isinstance(decision, policy.Deny):
-            return _response(decision.http_status, decision.message)
-        if self.gate is not None:
+        if isinstance(decision, policy.Allow) and self.gate is not None:
             refusal = await self.gate.check(decision.user, decision.backend)
             if refusal is not None:
                 return _response(
@@ -154,7 +160,7 @@ class AuthzHttp:
                     refusal.message,
                     (("grpc-status-details-bin", status_details_header(refusal)),),
                 )
-        return _response(200, headers=decision.upstream_headers)
+        return _decided(decision)
 
     async def start(self, path: Path) -> None:
         """Serve on the Unix socket ``path`` (created here, mode 0600)."""
