@@ -233,6 +233,25 @@ def test_methods_of_the_service_are_relayed_whatever_their_name(kbproxy: Kbproxy
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+def test_a_backend_ending_a_streaming_call_early_keeps_its_status(
+    kbproxy: KbproxyServer,
+) -> None:
+    # The backend refuses the method while the request is still on its way to it; the
+    # backend's status must come back, not an error of the proxy's own late write.
+    with grpc.insecure_channel(kbproxy.address) as channel:
+        future_method = channel.stream_stream("/spark.connect.SparkConnectService/NoSuchMethod")
+        codes: dict[grpc.StatusCode, int] = {}
+        for _ in range(300):
+            with pytest.raises(grpc.RpcError) as caught:
+                list(
+                    future_method(
+                        iter([b"\x0a\x01x"] * 4), metadata=(("x-kbase-token", ALICE_TOKEN),)
+                    )
+                )
+            codes[caught.value.code()] = codes.get(caught.value.code(), 0) + 1
+    assert codes == {grpc.StatusCode.UNIMPLEMENTED: 300}
+
+
 def test_client_deadline_reaches_the_backend(kbproxy: KbproxyServer) -> None:
     from pyspark.sql.connect.proto import base_pb2
 
