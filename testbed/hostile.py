@@ -9,6 +9,8 @@ How it works::
       idle_connections       N connections that send the preface and SETTINGS, then nothing
       never_reading_client   a call (with a token) that opens every flow-control window, then
                              never reads a byte of the response
+      call_with_raw_headers  one call with header bytes no gRPC client sends (non-ASCII), its
+                             grpc-status and grpc-message
     backend side:
       EndlessHeadersBackend  answers every request with HEADERS and CONTINUATION frames forever
       BigStreamBackend       answers ExecutePlan with 1 MiB messages until the call ends
@@ -30,6 +32,7 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import grpc
 import h2.config
@@ -87,6 +90,45 @@ def _request_headers(authority: str, path: str, token: str | None = None) -> lis
     if token:
         headers.append(("x-kbase-token", token))
     return headers
+
+
+_ENDS = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)
+
+
+def call_with_raw_headers(
+    address: str, path: str, headers: list[tuple[bytes, bytes]], seconds: float = 10
+) -> dict[str, str]:
+    """One call whose extra headers are sent as given; its status headers (or trailers).
+
+    An HTTP/2 client of our own rather than curl, which (as of 7.88) loses a complete response
+    followed by the RST_STREAM(NO_ERROR) a server may send when it answers before the request
+    body arrived (RFC 9113, section 8.1).
+    """
+    config = h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False
+    )
+    connection = h2.connection.H2Connection(config)
+    connection.initiate_connection()
+    request = [(name.encode(), value.encode()) for name, value in _request_headers(address, path)]
+    connection.send_headers(1, request + headers)
+    connection.send_data(1, b"\0\0\0\0\0", end_stream=True)
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + seconds
+    with contextlib.closing(_connect(address)) as sock:
+        sock.sendall(connection.data_to_send())
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    for name, value in event.headers:
+                        if name in (b"grpc-status", b"grpc-message"):
+                            found[name.decode()] = unquote(value.decode("utf-8", "replace"))
+                elif isinstance(event, _ENDS):
+                    return found
+            sock.sendall(connection.data_to_send())
+    return found
 
 
 def flood_before_headers(address: str, budget: int = 200 * MIB, seconds: float = 15) -> int:
