@@ -16,12 +16,14 @@ How it works (one client request)::
 Unreachable upstream gives 502, a timeout 504, both as S3-style XML errors. Bodies are never
 decoded (``auto_decompress=False``); reading from one side waits for writes to the other, so
 memory stays bounded whatever the object size. A client that disconnects cancels its handler,
-which closes the upstream connection. Connections to the upstream and to S3 are pooled.
+which closes the upstream connection and logs the request with what was sent. Connections to
+the upstream and to S3 are pooled.
 The decisions live in :mod:`kbdaemon._redirects`; this module moves bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -226,6 +228,14 @@ class S3Proxy:
         has_body = request.body_exists
         try:
             upstream, hops = await self._fetch(request, url, has_body)
+        except asyncio.CancelledError:
+            log.info(
+                "%s %s: cut off before the upstream answered (client left or proxy stops), %.1f ms",
+                request.method,
+                resource,
+                (time.monotonic() - started) * 1000,
+            )
+            raise
         except _Failure as failure:
             log.warning(
                 "%s %s -> %d %s (%s) request id %s",
@@ -240,7 +250,7 @@ class S3Proxy:
                 failure.status, failure.code, failure.message, resource=resource, request_id=rid
             )
         try:
-            response, sent = await self._relay(request, upstream)
+            response, sent = await self._relay(request, upstream, started)
         finally:
             upstream.close()
         log.info(
@@ -371,7 +381,7 @@ class S3Proxy:
             ) from None
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.Request, upstream: aiohttp.ClientResponse, started: float
     ) -> tuple[web.StreamResponse, int]:
         """Stream ``upstream`` to the client; the response and the number of body bytes sent."""
         response = web.StreamResponse(
@@ -393,6 +403,16 @@ class S3Proxy:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
                     sent += len(chunk)
+        except asyncio.CancelledError:
+            log.info(
+                "%s %s -> %d, cut off after %d bytes (client left or proxy stops), %.1f ms",
+                request.method,
+                request.path,
+                upstream.status,
+                sent,
+                (time.monotonic() - started) * 1000,
+            )
+            raise
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are gone already: cutting the connection is the only signal left.
             log.warning(

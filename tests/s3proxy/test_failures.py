@@ -121,14 +121,33 @@ def test_absolute_form_uri_to_another_host_is_refused(s3_proxy: ProxyProcess) ->
     assert mine.endswith(DATA)
 
 
-def test_secrets_never_reach_the_log(s3_proxy: ProxyProcess) -> None:
-    s3_proxy.client().get_object(Bucket=BUCKET, Key=KEY, Range="bytes=0-9")
-    deadline = time.monotonic() + 10
-    while f"GET /{BUCKET}/{KEY} -> 206" not in (log := s3_proxy.child.log_text()):
-        assert time.monotonic() < deadline, "the proxy logged no line for the ranged GET"
+def _logged(proxy: ProxyProcess, line: str, seconds: float = 10) -> str:
+    """The proxy's log once it holds ``line``."""
+    deadline = time.monotonic() + seconds
+    while line not in (log := proxy.child.log_text()):
+        assert time.monotonic() < deadline, f"the proxy did not log {line!r}"
         time.sleep(0.05)
+    return log
+
+
+def test_secrets_never_reach_the_log(s3_proxy: ProxyProcess) -> None:
+    # the body read to its end: the request is complete, and logged, before the client leaves
+    got = s3_proxy.client().get_object(Bucket=BUCKET, Key=KEY, Range="bytes=0-9")
+    assert got["Body"].read() == DATA[:10]
+    log = _logged(s3_proxy, f"GET /{BUCKET}/{KEY} -> 206, 10 bytes")
     for secret in ("X-Amz-Signature", "X-Amz-Credential", "Authorization", "AWS4-HMAC-SHA256"):
         assert secret not in log
+
+
+def test_a_client_that_leaves_early_is_logged(
+    emulator: DeltaLakeProxyEmulator, s3_proxy: ProxyProcess
+) -> None:
+    emulator.set_mode("slow")  # the upstream answers after 5 s
+    with socket.create_connection(("127.0.0.1", s3_proxy.port), timeout=10) as sock:
+        host = f"127.0.0.1:{s3_proxy.port}"
+        sock.sendall(f"GET /{BUCKET}/{KEY} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        time.sleep(0.5)
+    _logged(s3_proxy, f"GET /{BUCKET}/{KEY}: cut off before the upstream answered")
 
 
 async def test_unreachable_upstream_is_502() -> None:
