@@ -79,7 +79,13 @@ def _under_attack(
     return rss, tallies["alice"], result
 
 
-def _check(proxy: KbproxyServer, rss: TreeRss, tally: UserTally, what: str) -> None:
+def _check(
+    proxy: KbproxyServer,
+    rss: TreeRss,
+    tally: UserTally,
+    what: str,
+    rss_limit: int = RSS_GROWTH_LIMIT,
+) -> None:
     s = rss.sample
     figures = (
         f"{what}: RSS before {s.before / MIB:.0f} MiB, peak {s.peak / MIB:.0f} MiB, after "
@@ -91,7 +97,7 @@ def _check(proxy: KbproxyServer, rss: TreeRss, tally: UserTally, what: str) -> N
     print(figures)  # shown with -s or -rP: the figures of a passing run too
     assert tally.ok > 0, figures
     assert not tally.failures, figures
-    assert s.growth < RSS_GROWTH_LIMIT, figures
+    assert s.growth < rss_limit, figures
     assert percentile(tally.latencies, 99) < P99_LIMIT_S, figures
     assert proxy.child.proc.poll() is None, (
         f"{what}: kbproxy died\n{proxy.child.log_text()[-2000:]}"
@@ -113,13 +119,23 @@ def proxy(
         server.stop()
 
 
-def test_200_mib_before_any_headers(proxy: KbproxyServer, bystander_backend: StandinFleet) -> None:
+# The embedded gRPC relay (gRPC C-core's HTTP/2 server) grows by 9 to 21 MiB under this flood
+# alone, but by up to 67 MiB (measured once) with the rest of `make test` loading the machine: its
+# bound is RELAY_FLOOD_RSS_LIMIT (README says so). Envoy's is RSS_GROWTH_LIMIT.
+RELAY_FLOOD_RSS_LIMIT = 128 * MIB
+
+
+def test_200_mib_before_any_headers(
+    proxy: KbproxyServer, bystander_backend: StandinFleet, kbproxy_data_plane: list[str]
+) -> None:
     rss, tally, sent = _under_attack(
         proxy,
         bystander_backend,
         lambda: flood_before_headers(proxy.address, 200 * MIB, ATTACK_SECONDS),
     )
-    _check(proxy, rss, tally, f"200 MiB before HEADERS ({sent} bytes taken)")
+    relay = kbproxy_data_plane[-1] == "grpc"
+    limit = RELAY_FLOOD_RSS_LIMIT if relay else RSS_GROWTH_LIMIT
+    _check(proxy, rss, tally, f"200 MiB before HEADERS ({sent} bytes taken)", limit)
 
 
 # Envoy's data plane only: the embedded gRPC relay is gRPC C-core's HTTP/2 server, which holds an
